@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -74,14 +75,19 @@ def run_training(cfg: DictConfig) -> dict:
         "run_dir": str(run_dir),
     }
     t0 = time.perf_counter()
+    # config.yaml sits in the run folder before metrics.csv does: that is expected, not a clash
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     try:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg.num_threads))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module = build(cfg)
         datamodule.setup("fit")
-        trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=_instantiate_group(cfg.get("logger")) or False
-        )
+        loggers = _instantiate_group(cfg.get("logger"))
+        for lg in loggers:
+            lg.log_hyperparams(_loggable_config(cfg))
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=loggers or False)
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
         results.update(
@@ -102,7 +108,22 @@ def run_training(cfg: DictConfig) -> dict:
         results["wall_time_s"] = time.perf_counter() - t0
         atomic_write_json(run_dir / "results.json", results)
         log.info("results: %s", run_dir / "results.json")
+        _finish_wandb()
     return results
+
+
+def _loggable_config(cfg: DictConfig) -> dict:
+    """The resolved run config without Hydra's own node, for logger hyperparameters."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out.pop("hydra", None)
+    return out
+
+
+def _finish_wandb() -> None:
+    """Close any W&B run so the next job of a multirun starts its own (never merged)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -1,0 +1,115 @@
+"""The training framework end to end: every method on every data set, outputs, caching, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from mapa_exp.training import run_training
+from tests.conftest import FAST, ROOT, compose_cfg
+
+DATASETS = ["figure8", "circle", "absolute_value", "clusters", "spiral"]
+METHODS = ["vae", "iwae", "mapa", "mapa_gt", "mapa_naive"]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_on_every_dataset(dataset, method, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([f"dataset={dataset}", f"method={method}", *FAST], run_dir, cache_dir)
+    res = run_training(cfg)
+    assert res["status"] == "completed"
+    assert (res["dataset"], res["method"]) == (dataset, method)
+    # bounds are per-point log-likelihoods in nats: finite, and below the Gaussian density's peak
+    peak = -math.log(2 * math.pi * 0.01)  # log N(x; x, 0.01 I_2)
+    for key in ("train_bound", "val_bound"):
+        assert math.isfinite(res[key]) and res[key] < peak
+    # forward passes: IWAE pays B*S decoder passes, MAPA at most the batch's unique indices
+    if method in ("vae", "iwae"):
+        assert res["passes_per_point_decoder"] == pytest.approx(cfg.method.S)
+        assert res["passes_per_point_encoder"] == pytest.approx(1.0)
+    else:
+        assert 1 <= res["passes_per_point_decoder"] <= cfg.method.K + cfg.method.S
+        assert res["passes_encoder_total"] == res["passes_decoder_total"]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved == pytest.approx(res)
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "config.yaml").exists()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert {"train/bound_step", "train/passes_decoder_step", "val/bound"} <= set(metrics.columns)
+
+
+def test_results_record_everything_a_sweep_needs(tmp_path, cache_dir):
+    cfg = compose_cfg(["dataset=figure8", "method=mapa", "seed=3", "dataset.draw=2", *FAST], tmp_path / "r", cache_dir)
+    res = run_training(cfg)
+    for key in ("status", "dataset", "method", "K", "S", "seed", "draw", "train_bound", "val_bound",
+                "passes_encoder_total", "passes_decoder_total", "passes_per_point_decoder",
+                "passes_per_point_encoder_decoder", "wall_time_s"):
+        assert key in res, key
+    assert (res["seed"], res["draw"], res["K"], res["S"]) == (3, 2, 5, 5)
+
+
+def test_same_seed_same_run(tmp_path, cache_dir):
+    """A run is reproducible on CPU: same seed, same final bounds and weights."""
+    out = []
+    for name in ("a", "b"):
+        cfg = compose_cfg(["dataset=clusters", "method=mapa", *FAST], tmp_path / name, cache_dir)
+        out.append(run_training(cfg))
+    assert out[0]["train_bound"] == out[1]["train_bound"]
+    assert out[0]["val_bound"] == out[1]["val_bound"]
+    assert out[0]["passes_decoder_total"] == out[1]["passes_decoder_total"]
+
+
+def test_second_run_hits_the_proximity_cache(tmp_path, monkeypatch, caplog):
+    import mapa_exp.data.datamodule as dm
+
+    cache = tmp_path / "cache"
+    cfg = compose_cfg(["dataset=circle", "method=mapa", *FAST], tmp_path / "first", cache)
+    assert run_training(cfg)["proximity_cache_hit"] is False
+
+    def must_not_run(*a, **k):
+        raise AssertionError("distances recomputed despite a cached structure")
+
+    monkeypatch.setattr(dm, "nearest_neighbors", must_not_run)
+    caplog.set_level("INFO")
+    # another method and another bandwidth on the same data: still a hit, nothing recomputed
+    cfg = compose_cfg(["dataset=circle", "method=mapa", "method.bandwidth=0.05", *FAST], tmp_path / "second", cache)
+    assert run_training(cfg)["proximity_cache_hit"] is True
+    assert "cache hit" in caplog.text
+    cfg = compose_cfg(["dataset=circle", "method=iwae", *FAST], tmp_path / "third", cache)
+    assert run_training(cfg)["proximity_cache_hit"] is True
+
+
+def _cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "outputs"), "MAPA_EXP_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_method_lists_the_available_ones(tmp_path):
+    p = _cli("method=nonexistent", tmp_path=tmp_path)
+    assert p.returncode != 0
+    assert "Could not find 'method/nonexistent'" in p.stderr
+    for m in METHODS:
+        assert m in p.stderr
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("method.S=-1", "method.S"), ("method.K=0", "method.K"), ("method.bandwidth=0", "method.bandwidth"),
+     ("method.rho=1.5", "method.rho")],
+)
+def test_bad_method_values_give_one_clear_line(override, key, tmp_path):
+    p = _cli(override, tmp_path=tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"error: {key}=")
+    # nothing was marked successful
+    for results in (tmp_path / "outputs").rglob("results.json"):
+        assert json.loads(results.read_text())["status"] == "failed"
