@@ -71,7 +71,7 @@ def run_training(cfg: DictConfig) -> dict:
         "K": cfg.method.get("K"),
         "S": cfg.method.get("S"),
         "seed": cfg.seed,
-        "draw": cfg.dataset.draw,
+        "draw": cfg.dataset.get("draw", 0),
         "run_dir": str(run_dir),
     }
     t0 = time.perf_counter()

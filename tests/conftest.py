@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+
+torch.set_num_threads(1)  # as training does: these networks are tiny, and the machine is shared
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
