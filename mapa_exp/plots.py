@@ -1,0 +1,71 @@
+"""Figures drawn with seaborn from tidy tables only (never from models or run folders)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+CURVE_COLOURS = {"true": "black", "empirical": "tab:red", "mapa": "tab:blue"}
+CURVE_LABELS = {"true": "true posterior (Eq 11)", "empirical": "empiricalized posterior (Eq 7)", "mapa": "MAPA (Eq 8)"}
+
+
+def posterior_trends_figure(table: pd.DataFrame, title: str, floor: float = 30.0):
+    """One panel per (variant, point): the true and empiricalized log-posteriors as lines and MAPA's
+    q as dots, against the codes z. The y-axis shows ``floor`` nats below the panel's maximum (the
+    tails lie hundreds of nats down and would flatten the part that matters)."""
+    sns.set_theme(style="whitegrid", font_scale=0.8)
+    variants, points = list(table["variant"].unique()), list(table["point"].unique())
+    fig, axes = plt.subplots(len(variants), len(points), figsize=(3.2 * len(points), 2.6 * len(variants)),
+                             squeeze=False, sharey=False)
+    for i, v in enumerate(variants):
+        for j, p in enumerate(points):
+            ax, panel = axes[i, j], table[(table["variant"] == v) & (table["point"] == p)].sort_values("z")
+            for curve in ("mapa", "empirical", "true"):
+                c = panel[panel["curve"] == curve]
+                if curve == "mapa":
+                    ax.scatter(c["z"], c["log_density"], s=3, color=CURVE_COLOURS[curve], label=CURVE_LABELS[curve], alpha=0.6)
+                else:
+                    ax.plot(c["z"], c["log_density"], color=CURVE_COLOURS[curve], lw=1.3,
+                            ls="-" if curve == "true" else "--", label=CURVE_LABELS[curve])
+            top = panel["log_density"].max()
+            ax.set_ylim(top - floor, top + 3)
+            ax.set_title(f"{v}, point {p}" if len(variants) > 1 else f"point {p}")
+            ax.set_xlabel("latent code z_m")
+            if j == 0:
+                ax.set_ylabel("log density (x N for Eq 7/8)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def decoders_figure(curves: pd.DataFrame, data: pd.DataFrame, title: str):
+    """Each variant's decoder f(z) drawn over the data, coloured by z: columns variant, z, x1, x2."""
+    variants = list(curves["variant"].unique())
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.4 * len(variants), 3.2), squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        ax.scatter(data["x1"], data["x2"], s=3, c="0.8")
+        c = curves[curves["variant"] == v]
+        ax.scatter(c["x1"], c["x2"], c=c["z"], s=4, cmap="viridis")
+        ax.set_title(v)
+        ax.set_aspect("equal")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    """Write a figure atomically (temporary name, then rename)."""
+    import io as _io
+
+    from mapa_exp.io import atomic_write_bytes
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
