@@ -1,0 +1,182 @@
+"""Prior recovery (spec §6): turn MAPA's codes z_n = g(x_n) into a prior the evaluators can use.
+
+MAPA learns codes but no parametric prior. Two recoveries, both plain classes holding tensors
+(``state_dict()`` is a dict of tensors, safe for ``torch.save`` / ``torch.load(weights_only=True)``):
+
+* ``CopulaPrior1D`` (Dz = 1, the paper's C.3): Gaussian copula u_n = Φ⁻¹(rank_n / (N + 1)),
+  whitened ẑ_n = (u_n − mean u) / sd u (population sd, so the ẑ_n have unit second moment), and a
+  monotone piecewise-linear map h: ẑ → z through the sorted pairs (ẑ_(k), z_(k)). The recovered
+  generative model is ẑ ~ N(0, 1), x ~ p(x | f(h(ẑ))): every N(0, I) evaluator applies with
+  decode = f ∘ h (``compose_decoder``), and its log p(x) equals quadrature under the prior of
+  z = h(ẑ) (``quadrature_grid`` maps the standard grid's nodes through h and keeps their weights).
+  Beyond the outermost codes h continues linearly with the *secant* slope over the outermost
+  ``tail_knots`` knots (default 10) rather than the last segment's: the gap between the two most
+  extreme order statistics has a relative spread of order 1, the secant over k knots about
+  1/sqrt(k). h is strictly increasing (codes are ranked with ties broken by order), so h⁻¹ is
+  the same interpolation with the roles swapped. The implied density of z (``log_prob``) is
+  piecewise constant over ẑ-segments and, with every code a knot, as noisy as a one-spacing
+  density estimate; ``n_knots`` thins the knots to that many evenly spaced ranks (both ends kept)
+  for a smoother h. Evaluate the recovered model through ``compose_decoder`` (or
+  ``quadrature_grid``), where the noise is averaged over the posterior's width, not pointwise.
+* ``MixturePrior`` (any Dz, the [choice] for Dz > 1): a full-covariance Gaussian mixture fitted
+  to the codes with scikit-learn, exposed as torch tensors (``log_prob``, ``sample``). Its prior
+  is not N(0, I) and there is no simple map to one, so evaluators take its density instead:
+  quadrature (Dz ≤ 2) integrates against it on a box grid (``quadrature_grid``: the midpoint
+  rule over [min_c(μ_c − 8σ_c), max_c(μ_c + 8σ_c)] per axis, weights = density × cell volume),
+  and the mixture-IWAE evaluator takes ``log_prior=prior.log_prob`` in log p(x, z).
+
+Fitting uses numpy/scikit-learn once; every call afterwards is torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mapa_exp.math.bounds import log_normal_std
+from mapa_exp.math.quadrature import QuadratureGrid, box_grid, standard_normal_rule_1d
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, slope_lo: torch.Tensor, slope_hi: torch.Tensor):
+    """Piecewise-linear interpolation through (xp, fp), xp increasing, linear beyond the ends.
+
+    Returns the value and the local slope, both shaped like x.
+    """
+    xp, fp = xp.to(x), fp.to(x)
+    K = xp.shape[0]
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, K - 1)  # segment [i-1, i]
+    x0, x1, y0, y1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    slope = (y1 - y0) / (x1 - x0).clamp_min(torch.finfo(x.dtype).tiny)
+    y = y0 + slope * (x - x0)
+    lo, hi = x < xp[0], x > xp[-1]
+    slope = torch.where(lo, slope_lo.to(x), torch.where(hi, slope_hi.to(x), slope))
+    y = torch.where(lo, fp[0] + slope * (x - xp[0]), torch.where(hi, fp[-1] + slope * (x - xp[-1]), y))
+    return y, slope
+
+
+class CopulaPrior1D:
+    """z = h(ẑ), ẑ ~ N(0, 1), with h the monotone piecewise-linear copula map (module docstring)."""
+
+    latent_dim = 1
+
+    def __init__(self, zhat_knots: torch.Tensor, z_knots: torch.Tensor, slope_lo, slope_hi):
+        self.zhat_knots = zhat_knots  # (K,) strictly increasing
+        self.z_knots = z_knots  # (K,) non-decreasing
+        self.slope_lo = torch.as_tensor(slope_lo, dtype=z_knots.dtype)  # () dz/dẑ below the first knot
+        self.slope_hi = torch.as_tensor(slope_hi, dtype=z_knots.dtype)  # () dz/dẑ above the last knot
+
+    @classmethod
+    def fit(cls, codes: torch.Tensor, tail_knots: int = 10, n_knots: int | None = None) -> "CopulaPrior1D":
+        """Fit to 1-D codes, shaped (N,) or (N, 1); N >= 2. ``n_knots=None`` keeps every code as a knot."""
+        if codes.dim() == 2 and codes.shape[1] != 1:
+            raise ValueError(f"CopulaPrior1D needs latent_dim = 1 codes, got shape {tuple(codes.shape)}")
+        z = codes.reshape(-1).detach().to(torch.float64).cpu()
+        N = z.shape[0]
+        if N < 2:
+            raise ValueError(f"CopulaPrior1D needs at least 2 codes, got N={N}")
+        z_sorted = torch.sort(z, stable=True).values  # (N,) rank k+1 <-> z_sorted[k]
+        u = torch.special.ndtri(torch.arange(1, N + 1, dtype=torch.float64) / (N + 1))  # (N,)
+        zhat = (u - u.mean()) / u.std(correction=0)
+        if n_knots is not None and 2 <= int(n_knots) < N:
+            keep = torch.linspace(0, N - 1, int(n_knots), dtype=torch.float64).round().long()  # (n_knots,)
+            zhat, z_sorted, N = zhat[keep], z_sorted[keep], int(n_knots)
+        k = max(1, min(int(tail_knots), N - 1))
+        tiny = 1e-12 * max(float(z_sorted[-1] - z_sorted[0]), 1e-12)
+        slope_lo = ((z_sorted[k] - z_sorted[0]) / (zhat[k] - zhat[0])).clamp_min(tiny)
+        slope_hi = ((z_sorted[-1] - z_sorted[-1 - k]) / (zhat[-1] - zhat[-1 - k])).clamp_min(tiny)
+        return cls(zhat, z_sorted, slope_lo, slope_hi)
+
+    def to_latent(self, zhat: torch.Tensor) -> torch.Tensor:
+        """h(ẑ), elementwise, any shape."""
+        return _interp(zhat, self.zhat_knots, self.z_knots, self.slope_lo, self.slope_hi)[0]
+
+    def to_standard(self, z: torch.Tensor) -> torch.Tensor:
+        """h⁻¹(z), elementwise, any shape."""
+        return _interp(z, self.z_knots, self.zhat_knots, 1 / self.slope_lo, 1 / self.slope_hi)[0]
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Density of z = h(ẑ): log N(h⁻¹(z); 0, 1) − log h'(h⁻¹(z)); (..., 1) -> (...)."""
+        zhat, dzhat_dz = _interp(z, self.z_knots, self.zhat_knots, 1 / self.slope_lo, 1 / self.slope_hi)
+        return (log_normal_std(zhat[..., None]) + torch.log(dzhat_dz)).sum(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws of z = h(ẑ): (n, 1)."""
+        return self.to_latent(torch.randn((n, 1), generator=generator, dtype=self.z_knots.dtype))
+
+    def quadrature_grid(self, J: int, rule: str | None = None, dtype=torch.float64, device=None) -> QuadratureGrid:
+        """The standard normal rule's nodes mapped through h, with their weights unchanged."""
+        zhat, log_w = standard_normal_rule_1d(J, rule or "uniform", dtype=dtype, device=device)
+        return QuadratureGrid(self.to_latent(zhat)[:, None], log_w)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"zhat_knots": self.zhat_knots, "z_knots": self.z_knots,
+                "slope_lo": self.slope_lo, "slope_hi": self.slope_hi}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "CopulaPrior1D":
+        return cls(state["zhat_knots"], state["z_knots"], state["slope_lo"], state["slope_hi"])
+
+
+def compose_decoder(decode: Callable[[torch.Tensor], torch.Tensor], prior: CopulaPrior1D):
+    """decode ∘ h: the recovered model's decoder for a N(0, 1) prior on ẑ, (..., 1) -> (..., Dx)."""
+    return lambda zhat: decode(prior.to_latent(zhat))
+
+
+class MixturePrior:
+    """A Gaussian mixture density over codes, sum_c π_c N(z; μ_c, L_c L_cᵀ), held as torch tensors."""
+
+    def __init__(self, log_weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor):
+        self.log_weights = log_weights  # (C,)
+        self.means = means  # (C, Dz)
+        self.scale_tril = scale_tril  # (C, Dz, Dz) lower-triangular Cholesky factors
+        self.latent_dim = means.shape[-1]
+
+    @classmethod
+    def fit(cls, codes: torch.Tensor, n_components: int = 10, seed: int = 0, reg_covar: float = 1e-6,
+            max_iter: int = 500, n_init: int = 1) -> "MixturePrior":
+        """Fit a full-covariance mixture to codes (N, Dz) with scikit-learn's EM."""
+        from sklearn.mixture import GaussianMixture
+
+        z = codes.detach().to(torch.float64).cpu()
+        if z.dim() == 1:
+            z = z[:, None]
+        if z.shape[0] < n_components:
+            raise ValueError(f"MixturePrior n_components={n_components} exceeds the number of codes N={z.shape[0]}")
+        gm = GaussianMixture(n_components, covariance_type="full", reg_covar=reg_covar, max_iter=max_iter,
+                             n_init=n_init, random_state=seed).fit(z.numpy())
+        cov = torch.as_tensor(gm.covariances_, dtype=torch.float64)  # (C, Dz, Dz)
+        return cls(torch.as_tensor(gm.weights_, dtype=torch.float64).log(),
+                   torch.as_tensor(gm.means_, dtype=torch.float64), torch.linalg.cholesky(cov))
+
+    def _components(self, like: torch.Tensor) -> torch.distributions.MultivariateNormal:
+        return torch.distributions.MultivariateNormal(
+            self.means.to(like), scale_tril=self.scale_tril.to(like), validate_args=False)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log sum_c π_c N(z; μ_c, Σ_c): (..., Dz) -> (...)."""
+        comp = self._components(z).log_prob(z[..., None, :])  # (..., C)
+        return torch.logsumexp(comp + self.log_weights.to(z), -1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws: (n, Dz)."""
+        c = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)  # (n,)
+        eps = torch.randn((n, self.latent_dim, 1), generator=generator, dtype=self.means.dtype)
+        return self.means[c] + (self.scale_tril[c] @ eps)[..., 0]
+
+    def quadrature_grid(self, J: int, rule: str | None = None, dtype=torch.float64, device=None,
+                        n_sd: float = 8.0) -> QuadratureGrid:
+        """Midpoint rule on the box covering every component to ``n_sd`` sd, J cells per axis."""
+        if rule not in (None, "uniform"):
+            raise ValueError(f"MixturePrior supports quadrature rule 'uniform' only, got rule={rule!r}")
+        sd = torch.linalg.vector_norm(self.scale_tril, dim=-1)  # (C, Dz) marginal sd = row norms of L
+        lower = (self.means - n_sd * sd).min(0).values.to(device)
+        upper = (self.means + n_sd * sd).max(0).values.to(device)
+        return box_grid(self.log_prob, lower, upper, J, dtype=dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"log_weights": self.log_weights, "means": self.means, "scale_tril": self.scale_tril}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "MixturePrior":
+        return cls(state["log_weights"], state["means"], state["scale_tril"])
