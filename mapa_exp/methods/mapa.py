@@ -15,6 +15,8 @@ from mapa_exp.methods.base import LatentVariableModule, StepOutput
 
 
 class MAPA(LatentVariableModule):
+    standard_normal_prior = False  # codes g(x) have no parametric prior: the evaluation recovers one
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.encoder = self.net(self.obs_dim, self.latent_dim)  # g_phi: x -> z

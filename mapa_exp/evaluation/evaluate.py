@@ -1,0 +1,188 @@
+"""The evaluation stage: a finished run (or a sweep of them) in, ``eval.json`` beside each run out.
+
+For each estimator (``mapa_exp.evaluation.estimators``) it reports, in nats per point:
+``val_loglik/<est>``, ``test_loglik/<est>``, and when the data have a ground truth
+``test_loglik_gt/<est>`` and ``test_kl/<est>`` = mean over test points of log p_GT(x) - log p_model(x)
+(spec §7; the truth scored by the same estimator). Mixture-IWAE numbers carry ``*_se/<est>``, the
+Monte-Carlo standard error of the mean; quadrature carries ``convergence/<est>`` (J vs 2J, worst point).
+With both estimators, ``test_loglik_gap/mog_iwae`` = mixture-IWAE minus quadrature.
+
+MAPA's prior is recovered from its codes first (spec §6). The ground truth's scores depend only on the
+data and the estimator, so they are cached and shared by every run of a sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mapa_exp.errors import ConfigError, check
+from mapa_exp.evaluation.estimators import GenerativeModel, recovered_model, standard_model
+from mapa_exp.evaluation.runs import Run, find_runs, load_run
+from mapa_exp.io import ArrayCache, atomic_write_json, content_key
+
+log = logging.getLogger(__name__)
+
+IDENTITY = ("dataset", "method", "K", "S", "seed", "draw")
+
+
+def model_of(run: Run, tail_knots: int = 10, n_components: int = 10, seed: int = 0) -> GenerativeModel:
+    """The run's generative model with a prior: N(0, I) for the baselines, recovered for MAPA."""
+    module, lik = run.module, run.module.likelihood
+    if module.standard_normal_prior:
+        return standard_model(module.decoder, lik, module.latent_dim)
+    with torch.no_grad():
+        codes = module.codes(run.datamodule.x["train"])
+    return recovered_model(module.decoder, lik, codes, tail_knots, n_components, seed)
+
+
+def _mean_se(ll: torch.Tensor, se: torch.Tensor | None) -> tuple[float, float | None]:
+    mean = float(ll.double().mean())
+    if se is None:
+        return mean, None
+    return mean, float(torch.sqrt((se.double() ** 2).sum()) / len(se))
+
+
+def ground_truth_scores(run: Run, estimator, cache: ArrayCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p_GT(x_test) per point by ``estimator``, cached by (data, truth's weights, estimator config)."""
+    gt = run.datamodule.groundtruth
+    x_fit, x_test = run.datamodule.x["train"], run.datamodule.x["test"]
+    weights = [p.detach().numpy() for p in gt.decoder.parameters()]
+    key = content_key(x_fit.numpy(), x_test.numpy(), *weights, repr(gt.likelihood), estimator.name, estimator.config())
+
+    def build():
+        res, _ = estimator.evaluate(standard_model(gt.decoder, gt.likelihood, gt.latent_dim), x_fit, {"test": x_test})
+        ll, se = res["test"]
+        return {"ll": ll.numpy(), "se": (se if se is not None else torch.full_like(ll, math.nan)).numpy()}
+
+    arrays = cache.load_or_build("gt_loglik", key, build)[0] if cache is not None else build()
+    se = torch.from_numpy(arrays["se"])
+    return torch.from_numpy(arrays["ll"]), (None if torch.isnan(se).all() else se)
+
+
+def has_ground_truth(run: Run) -> bool:
+    gt = run.datamodule.groundtruth
+    return getattr(gt, "decoder", None) is not None and run.datamodule.z.get("test") is not None
+
+
+def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
+                 key: str = "run") -> dict:
+    """Evaluate one run folder with every estimator; writes and returns ``eval.json``'s content."""
+    t0 = time.perf_counter()
+    run = load_run(path, key=key)
+    out = {k: run.results.get(k) for k in IDENTITY} | {"run_dir": str(run.path), "status": "running"}
+    try:
+        model = model_of(run, **(prior_recovery or {}))
+        x = run.datamodule.x
+        cache = ArrayCache(cache_dir) if cache_dir else None
+        metrics, diagnostics, test_ll = {}, {}, {}
+        for name, est in estimators.items():
+            res, diag = est.evaluate(model, x["train"], {"val": x["val"], "test": x["test"]})
+            for split in ("val", "test"):
+                mean, se = _mean_se(*res[split])
+                metrics[f"{split}_loglik/{name}"] = mean
+                if se is not None:
+                    metrics[f"{split}_loglik_se/{name}"] = se
+            test_ll[name] = res["test"][0]
+            if "convergence_max_abs_diff" in diag:
+                metrics[f"convergence/{name}"] = diag["convergence_max_abs_diff"]
+            if has_ground_truth(run):
+                gt_ll, gt_se = ground_truth_scores(run, est, cache)
+                metrics[f"test_loglik_gt/{name}"] = _mean_se(gt_ll, gt_se)[0]
+                metrics[f"test_kl/{name}"] = float((gt_ll.double() - res["test"][0].double()).mean())
+            diagnostics[name] = {**diag, "config": est.config()}
+        if {"quadrature", "mog_iwae"} <= test_ll.keys():
+            metrics["test_loglik_gap/mog_iwae"] = float((test_ll["mog_iwae"] - test_ll["quadrature"]).mean())
+        out.update(status="completed", metrics=metrics, diagnostics=diagnostics)
+    except Exception as exc:
+        out.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        out["wall_time_s"] = time.perf_counter() - t0
+        atomic_write_json(run.path / "eval.json", out)
+    log_to_wandb(run.path, out["metrics"])
+    return out
+
+
+def build_estimators(cfg) -> dict:
+    """The estimators a config's ``evaluator`` group names, built by ``_target_``."""
+    import hydra
+
+    return {name: hydra.utils.instantiate(node) for name, node in cfg.evaluator.items()}
+
+
+def evaluate_configured(path: str | Path, cfg) -> dict:
+    """``evaluate_run`` with the estimators, prior recovery and cache of a train or evaluate config."""
+    return evaluate_run(path, build_estimators(cfg), dict(cfg.prior_recovery), cfg.paths.cache_dir)
+
+
+def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | None = None,
+                   cache_dir: str | None = None) -> dict:
+    """Evaluate every completed run below ``folder``; failed runs are recorded, not evaluated.
+
+    Returns counts and writes ``summary.csv`` in ``folder``: the best restart per configuration (by
+    validation log-likelihood) and mean +- standard error over draws of every evaluation metric.
+    """
+    folder = Path(folder).expanduser().resolve()
+    check(folder.is_dir(), "sweep", str(folder), "is not a folder")
+    runs = find_runs(folder)
+    check(len(runs) > 0, "sweep", str(folder), "holds no run folder (no results.json below it)")
+    counts = {"evaluated": 0, "skipped": 0, "failed": 0}
+    for path in tqdm(runs, desc="evaluating runs", file=sys.stderr, disable=None):
+        try:
+            evaluate_run(path, estimators, prior_recovery, cache_dir)
+            counts["evaluated"] += 1
+        except ConfigError as exc:  # a run that did not complete: kept as it is, said once
+            log.warning("skipped %s: %s", path, exc.reason)
+            counts["skipped"] += 1
+        except Exception as exc:  # noqa: BLE001 - one broken run must not stop the sweep's evaluation
+            log.error("evaluation of %s failed: %s", path, exc)
+            counts["failed"] += 1
+    write_summary(folder)
+    return counts
+
+
+def write_summary(folder: Path) -> None:
+    """summary.csv: best restart per configuration, mean and standard error over draws."""
+    from mapa_exp.io import atomic_write_text
+    from mapa_exp.results import best_restarts, collect, mean_se_over_draws
+
+    table = collect([folder])
+    table = table[table["status"] == "completed"]
+    if table.empty:
+        return
+    best = best_restarts(table)  # wide: one column per metric
+    metrics = sorted(c for c in best.columns if "/" in c and best[c].notna().any())
+    frames = [mean_se_over_draws(best, m).assign(metric=m) for m in metrics]
+    if frames:
+        import pandas as pd
+
+        atomic_write_text(folder / "summary.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
+
+
+def log_to_wandb(run_dir: Path, metrics: dict) -> None:
+    """Add the evaluation metrics to the training job's W&B run, if it had one (resumed by its id)."""
+    runs = sorted((run_dir / "wandb").glob("*run-*")) if (run_dir / "wandb").exists() else []
+    if not runs:
+        return
+    import wandb
+
+    latest = runs[-1].name  # offline-run-<date>_<time>-<id> or run-<date>_<time>-<id>
+    run_id, offline = latest.rsplit("-", 1)[1], latest.startswith("offline-")
+    with wandb.init(id=run_id, resume="allow", dir=str(run_dir), mode="offline" if offline else "online",
+                    project=_wandb_project(run_dir)) as wb:
+        wb.summary.update({f"eval/{k}": v for k, v in metrics.items()})
+
+
+def _wandb_project(run_dir: Path) -> str | None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    return OmegaConf.select(cfg, "logger.wandb.project", default=None)
