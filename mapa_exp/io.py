@@ -94,12 +94,18 @@ class ArrayCache:
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
+            for stale in path.parent.glob(f".{path.stem}.*.tmp"):  # left by a builder killed mid-write
+                stale.unlink(missing_ok=True)
             arrays = self._load_verified(path)
             if arrays is not None:
                 log.info("cache hit: %s/%s", kind, key)
                 return arrays, True
             log.info("cache miss: %s/%s, building", kind, key)
             arrays = {k: np.asarray(v) for k, v in build().items()}
+            for k, a in arrays.items():  # .npz of object arrays would be pickles: refuse them
+                if a.dtype.hasobject:
+                    raise ValueError(f"cache entry {kind}/{key}: array {k!r} has dtype object; "
+                                     "only numeric arrays are cached")
             buf = io.BytesIO()
             np.savez(buf, **arrays)
             data = buf.getvalue()

@@ -84,7 +84,11 @@ class GroundTruth:
         g = torch.Generator().manual_seed(int(self.surrogate_cfg["seed"]))
         z = torch.randn(int(self.surrogate_cfg["n_fit"]), self.latent_dim, generator=g)
         with torch.no_grad():
-            y = self.f(z).float()
+            try:
+                y = self.f(z).float()
+            except (RuntimeError, IndexError, ValueError) as exc:  # e.g. a 1-D shape given 2-D codes
+                raise ConfigError("dataset.latent_dim", self.latent_dim, f"f cannot take codes of shape "
+                                  f"{tuple(z.shape)} ({str(exc).strip().splitlines()[0]})") from exc
         if y.shape != (z.shape[0], self.obs_dim):
             raise ConfigError(
                 "dataset.obs_dim", self.obs_dim, f"f({tuple(z.shape)}) returned shape {tuple(y.shape)}; "

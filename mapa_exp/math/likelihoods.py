@@ -8,9 +8,12 @@ observation-space proximity MAPA uses for it (``metric`` and ``log_kernel``, spe
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
+
+from mapa_exp.errors import check  # ConfigError, a ValueError naming the config key
 
 
 class Gaussian:
@@ -19,8 +22,7 @@ class Gaussian:
     metric = "sqeuclidean"
 
     def __init__(self, sigma2: float):
-        if not sigma2 > 0:
-            raise ValueError(f"likelihood.sigma2 must be > 0, got {sigma2}")
+        check(isinstance(sigma2, numbers.Real) and sigma2 > 0, "dataset.likelihood.sigma2", sigma2, "must be > 0")
         self.sigma2 = float(sigma2)
 
     def log_prob(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -54,8 +56,7 @@ class Bernoulli:
     metric = "hamming"
 
     def __init__(self, rho: float = 0.95):
-        if not 0.5 < rho < 1:
-            raise ValueError(f"likelihood.rho must be in (0.5, 1), got {rho}")
+        check(isinstance(rho, numbers.Real) and 0.5 < rho < 1, "dataset.likelihood.rho", rho, "must lie in (0.5, 1)")
         self.rho = float(rho)
 
     def log_prob(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,23 @@ from typing import Callable
 import lightning as L
 import torch
 
+from mapa_exp.errors import ConfigError, check
 from mapa_exp.nets import MLP
+
+
+def _check_optimizer(factory: Callable[..., torch.optim.Optimizer]) -> None:
+    """Build the optimiser once on a dummy parameter, so bad settings fail before any work (ConfigError)."""
+    settings = getattr(factory, "keywords", None) or {}
+    try:
+        probe = factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).strip().splitlines()[0]
+        named = {"lr": "learning rate", "betas": "beta", "eps": "epsilon"}  # how torch's messages say them
+        key = next((k for k in settings if k in msg or named.get(k, k) in msg), None)
+        raise ConfigError(f"optimizer.{key}" if key else "optimizer", settings[key] if key else settings, msg) from exc
+    for group in probe.param_groups:
+        if "lr" in group:
+            check(float(group["lr"]) > 0, "optimizer.lr", float(group["lr"]), "must be > 0")
 
 
 @dataclass
@@ -33,6 +49,9 @@ class StepOutput:
 
 
 class LatentVariableModule(L.LightningModule, ABC):
+    #: True when the model's prior is N(0, I); False when it must be recovered from codes (spec §6)
+    standard_normal_prior = True
+
     def __init__(
         self,
         latent_dim: int,
@@ -45,6 +64,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         self.latent_dim, self.obs_dim, self.likelihood = latent_dim, obs_dim, likelihood
         self.net = net or MLP
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        _check_optimizer(self.optimizer_factory)
         self.decoder = self.net(latent_dim, obs_dim)
         # running totals travel with the checkpoint, so a resumed run keeps counting
         self.register_buffer("passes_encoder_total", torch.zeros((), dtype=torch.long))

@@ -1,0 +1,329 @@
+"""Reliability: exact resume after SIGKILL / SIGTERM, the NaN policy, multirun failures, safe checkpoints, secrets.
+
+Faults are injected from outside the package: signals sent to a training subprocess, and the callbacks
+below (added with ``+callbacks.<name>=...`` on the command line, or in-process) that slow epochs down,
+poison a batch or a gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from mapa_exp.training import RunFailed, run_training
+from tests.conftest import ROOT, compose_cfg
+
+
+# -- fault injectors (importable as tests.test_reliability.<Name> from a training subprocess) ----------
+class SlowEpochs(Callback):
+    """Sleeps at the end of every training epoch, so that a signal lands mid-training (no RNG use)."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        time.sleep(self.seconds)
+
+
+class PoisonBatch(Callback):
+    """Puts a NaN into the observations of the training batches at the given global steps."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            batch["x"][0, 0] = float("nan")
+
+
+class PoisonGradient(Callback):
+    """Sets one gradient entry to +inf after the backward pass at the given global steps (the loss stays finite)."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step in self.steps:
+            next(p for p in pl_module.decoder.parameters()).grad.view(-1)[0] = float("inf")
+
+
+class SendSignal(Callback):
+    """Sends ``signum`` to this very process at the start of the given epoch (an in-process preemption)."""
+
+    def __init__(self, signum: str, at_epoch: int):
+        self.signum, self.at_epoch = signal.Signals[signum], at_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at_epoch:
+            os.kill(os.getpid(), self.signum)
+
+
+def fault(name: str, target: str, **kwargs) -> list[str]:
+    """Command-line overrides that add a fault-injecting callback from this module."""
+    out = [f"+callbacks.{name}._target_=tests.test_reliability.{target}"]
+    for k, v in kwargs.items():
+        out.append(f"+callbacks.{name}.{k}={json.dumps(v) if isinstance(v, list) else v}")
+    return out
+
+
+# -- shared set-up -------------------------------------------------------------------------------------
+# long enough to be killed mid-training (6 batches x 12 epochs), small enough to run in seconds
+RESUMABLE = [
+    "dataset=spiral", "dataset.n_train=600", "dataset.n_val=100", "dataset.n_test=100",
+    "dataset.surrogate.steps=300", "dataset.surrogate.n_fit=512",
+    "trainer.max_epochs=12", "trainer.check_val_every_n_epoch=3", "trainer.log_every_n_steps=2",
+    "trainer.enable_progress_bar=false",
+]
+FAST_NAN = [  # a few steps are enough to hit a poisoned one
+    "dataset=spiral", "method=mapa", "dataset.n_train=200", "dataset.n_val=100", "dataset.n_test=100",
+    "dataset.surrogate.steps=300", "dataset.surrogate.n_fit=512", "trainer.max_epochs=4",
+    "trainer.check_val_every_n_epoch=2", "trainer.enable_progress_bar=false",
+]
+COMPARED = ("status", "epochs", "train_bound", "val_bound", "passes_encoder_total", "passes_decoder_total",
+            "train_steps", "skipped_batches", "passes_per_point_decoder")
+
+
+def cli(args: list[str], cache_dir: Path, env: dict | None = None, **kw):
+    env = {**os.environ, "MAPA_EXP_CACHE": str(cache_dir), **(env or {})}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def run_cli(args: list[str], cache_dir: Path, env: dict | None = None, timeout: float = 120):
+    p = cli(args, cache_dir, env)
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+
+
+def assert_same_run(resumed: Path, reference: Path, killed_after_epoch: int | None = None) -> None:
+    """Final metrics, weights, optimiser state and the per-step metrics of two run folders are equal.
+
+    After a SIGKILL, the train epoch-means row of the checkpointed epoch may be missing (Lightning logs it
+    just after the checkpoint; see mapa_exp.callbacks.FlushLoggers), and nothing else.
+    """
+    a, b = results(resumed), results(reference)
+    assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
+    ca, cb = checkpoint(resumed), checkpoint(reference)
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for k in cb["state_dict"]:
+        assert torch.equal(ca["state_dict"][k], cb["state_dict"][k]), k
+    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    got, expected = metrics_rows(resumed), metrics_rows(reference)
+    if killed_after_epoch is not None:
+        lost = [r for r in expected if r["epoch"] == str(killed_after_epoch) and "train/bound_epoch" in r]
+        expected = [r for r in expected if r in got or r not in lost]
+    assert got == expected
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """Uninterrupted runs (in-process) of the set-ups that the kill tests interrupt, by method."""
+    out = {}
+    for method in ("mapa", "iwae"):
+        run_dir = tmp_path_factory.mktemp("reference") / method
+        cfg = compose_cfg([*RESUMABLE, f"method={method}"], run_dir, cache_dir)
+        assert run_training(cfg)["status"] == "completed"
+        out[method] = run_dir
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+# -- 1. exact resume -------------------------------------------------------------------------------
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
+    """SIGKILL right after the first checkpoint; the same command again resumes and ends bit-identical."""
+    run_dir = tmp_path / "run"
+    args = [*RESUMABLE, "method=mapa", *fault("slow", "SlowEpochs", seconds=0.1), f"hydra.run.dir={run_dir}"]
+    proc = cli(args, cache_dir)
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert results(run_dir)["status"] == "running"  # killed mid-training, not after it
+    killed_at = checkpoint(run_dir)["epoch"]
+    assert killed_at < 11
+
+    again = run_cli(args, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    res = results(run_dir)
+    assert res["status"] == "completed" and res["resumed_from_epoch"] == killed_at + 1
+    assert_same_run(run_dir, reference["mapa"], killed_after_epoch=killed_at)
+
+
+def test_sigterm_stops_after_a_checkpoint_and_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
+    """SIGTERM (how SLURM preempts): finish the epoch, checkpoint, exit 143 with status preempted; resume exactly."""
+    run_dir = tmp_path / "run"
+    args = [*RESUMABLE, "method=iwae", *fault("slow", "SlowEpochs", seconds=0.1), f"hydra.run.dir={run_dir}"]
+    proc = cli(args, cache_dir)
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1].startswith("preempted: SIGTERM received")
+    res = results(run_dir)
+    assert res["status"] == "preempted" and res["signal"] == signal.SIGTERM and "rerun" in res["reason"]
+    assert checkpoint(run_dir)["epoch"] == res["epochs"] - 1 < 11  # the checkpoint is of the last epoch run
+
+    again = run_cli(args, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert results(run_dir)["resumed_from_epoch"] == res["epochs"]
+    assert_same_run(run_dir, reference["iwae"])
+
+
+def test_two_preemptions_by_sigusr2_then_completion_equal_an_uninterrupted_run(tmp_path, cache_dir, reference):
+    """In-process: SIGUSR2 at epoch 2, then again at epoch 7 of the resumed run; the third attempt completes."""
+    run_dir = tmp_path / "run"
+    for at_epoch, expected in ((2, "preempted"), (7, "preempted"), (None, "completed")):
+        extra = fault("usr2", "SendSignal", signum="SIGUSR2", at_epoch=at_epoch) if at_epoch is not None else []
+        res = run_training(compose_cfg([*RESUMABLE, "method=mapa", *extra], run_dir, cache_dir))
+        assert res["status"] == expected
+        if at_epoch is not None:
+            assert res["signal"] == signal.SIGUSR2 and res["epochs"] == at_epoch + 1
+    assert res["resumed_from_epoch"] == 8
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # handlers are given back after training
+    assert_same_run(run_dir, reference["mapa"])
+
+
+def test_rerun_of_a_completed_run_returns_its_results_without_training(tmp_path, cache_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(FAST_NAN, run_dir, cache_dir)
+    first = run_training(cfg)
+
+    def must_not_train(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("lightning.Trainer.fit", must_not_train)
+    assert run_training(compose_cfg(FAST_NAN, run_dir, cache_dir)) == first
+
+
+# -- 2. NaN policy ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("poison, what", [("PoisonBatch", "non-finite loss"),
+                                          ("PoisonGradient", "non-finite gradient of")])
+def test_nan_policy_fail_stops_with_one_line_naming_the_run(poison, what, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*FAST_NAN, "seed=7", *fault("poison", poison, steps=[3])], run_dir, cache_dir)
+    with pytest.raises(RunFailed) as info:
+        run_training(cfg)
+    line = str(info.value)
+    assert "\n" not in line
+    for part in (what, "at step 3", "method=mapa", "dataset=spiral", "seed=7"):
+        assert part in line
+    res = results(run_dir)
+    assert res["status"] == "failed" and res["reason"] == line
+
+
+def test_nan_policy_skip_batch_skips_the_optimizer_step_and_counts_it(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*FAST_NAN, "nan_policy=skip_batch", *fault("poison", "PoisonBatch", steps=[1, 4]),
+                       *fault("grad", "PoisonGradient", steps=[6])], run_dir, cache_dir)
+    res = run_training(cfg)
+    assert res["status"] == "completed" and res["skipped_batches"] == 3
+    assert math.isfinite(res["train_bound"]) and math.isfinite(res["val_bound"])
+    ckpt = checkpoint(run_dir)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    # Adam stepped only on the clean batches
+    steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert steps == {res["train_steps"] - 3}
+
+
+def test_nan_failure_on_the_command_line_is_one_line_and_exit_1(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    p = run_cli([*FAST_NAN, *fault("poison", "PoisonBatch", steps=[2]), f"hydra.run.dir={run_dir}"], cache_dir)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert [l for l in lines if l.startswith("error:")] == [lines[-1]]
+    assert lines[-1].startswith("error: non-finite loss at step 2") and "method=mapa dataset=spiral seed=0" in lines[-1]
+    assert "Traceback" not in p.stderr
+    assert results(run_dir)["status"] == "failed"
+
+
+def test_multirun_keeps_going_past_failed_jobs_and_exits_non_zero(tmp_path, cache_dir):
+    """4 jobs: a NaN failure, two bad inputs and one that skips its NaN batch; every job leaves results."""
+    sweep = tmp_path / "sweep"
+    p = run_cli(["-m", *FAST_NAN, "nan_policy=fail,skip_batch", "method.K=5,0",
+                 *fault("poison", "PoisonBatch", steps=[1]), f"hydra.sweep.dir={sweep}"], cache_dir)
+    assert p.returncode == 2, p.stderr[-3000:]  # the worst job: bad input
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 4 and "3 job(s) of the multirun failed" in errors[-1]
+    assert "Traceback" not in p.stderr
+    found = {}
+    for path in sweep.rglob("results.json"):
+        res = json.loads(path.read_text())
+        cfg = (path.parent / "config.yaml").read_text()
+        found[("skip_batch" if "nan_policy: skip_batch" in cfg else "fail", res.get("K"))] = res
+    assert {k: v["status"] for k, v in found.items()} == {
+        ("fail", 5): "failed", ("fail", 0): "failed", ("skip_batch", 5): "completed", ("skip_batch", 0): "failed"}
+    assert found[("skip_batch", 5)]["skipped_batches"] == 1
+    assert "non-finite loss at step 1" in found[("fail", 5)]["reason"]
+    assert "method.K=0" in found[("fail", 0)]["reason"]
+
+
+# -- 5. safe loading, no secrets -------------------------------------------------------------------------
+def test_checkpoint_is_plain_data_and_resume_loads_it_weights_only(tmp_path, cache_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_training(compose_cfg(FAST_NAN, run_dir, cache_dir))
+    ckpt = checkpoint(run_dir)  # weights_only=True: no pickled objects inside
+    assert {"state_dict", "optimizer_states", "rng_states", "run_identity"} <= ckpt.keys()
+    assert "hyper_parameters" not in ckpt  # the modules never call save_hyperparameters
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    res = run_training(compose_cfg([*FAST_NAN, "trainer.max_epochs=5"], run_dir, cache_dir))  # one epoch more
+    assert res["status"] == "completed" and res["resumed_from_epoch"] == 4 and res["epochs"] == 5
+    assert calls and all(w is True for w in calls)
+
+
+SECRET = "fake0secret0key0" + "3f9a1c7e5b2d4f6a8c0e" * 2
+
+
+def test_no_secret_reaches_any_file_of_the_run_folder(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    p = run_cli([*FAST_NAN, "logger=wandb", f"hydra.run.dir={run_dir}"], cache_dir,
+                env={"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    names = {f.name for f in files}
+    assert {"config.yaml", "results.json", "train.log", "metrics.csv", "last.ckpt"} <= names
+    assert any(f.suffix == ".wandb" for f in files), "no W&B offline run was written"
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    for f in files:
+        data = f.read_bytes()
+        assert SECRET.encode() not in data and SECRET[-20:].encode() not in data, f
+    assert SECRET not in p.stdout + p.stderr
