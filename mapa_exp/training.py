@@ -308,7 +308,11 @@ def _finish_wandb() -> None:
     """Close any W&B run so the next job of a multirun starts its own (never merged)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        try:
+            wandb.finish()
+        except ConnectionError as exc:  # the W&B service died (SLURM signals it too on preemption)
+            log.warning("W&B run not closed cleanly (%s: %s); its offline files hold what was logged",
+                        type(exc).__name__, exc)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -319,7 +323,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def config_error(exc: BaseException) -> ConfigError | None:
-    """The ConfigError behind ``exc`` (itself or one of its causes), if that is what it is."""
-    while exc is not None and not isinstance(exc, ConfigError):
-        exc = exc.__cause__
-    return exc
+    """The ConfigError behind ``exc`` (itself, a cause, or the error being handled when it was raised:
+    OmegaConf re-raises resolver errors without ``from``), if that is what it is."""
+    seen = set()
+    while exc is not None and not isinstance(exc, ConfigError) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc if isinstance(exc, ConfigError) else None

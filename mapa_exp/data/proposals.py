@@ -6,7 +6,8 @@ a log-softmax over the remaining columns (``mapa_exp.math.proposals``).
 
 * ``KernelProposal`` -- MAPA (Eq 8): q from the cached proximity structure and the likelihood's kernel;
   the bandwidth (default: the likelihood's, sigma^2 for a Gaussian) and rho are applied here, after
-  loading, so sweeping them never recomputes distances.
+  loading, so sweeping them never recomputes distances. With a truncated structure (M < N candidates)
+  and ``uniform_share`` eps > 0 the tail is the defensive mixture of ``mapa_exp.math.truncated``.
 * ``GroundTruthPosteriorProposal`` -- MAPA-GT (Eq 7): the true index posterior from f_GT and z_GT.
 * ``UniformProposal`` -- MAPA-naive: q = 1/N, top-K ties broken self first, then at random.
 """
@@ -25,15 +26,23 @@ from mapa_exp.math.proposals import log_softmax_rows
 class Proposal(ABC):
     """Common validation and the (K, S) every proposal carries."""
 
+    uniform_share = 0.0  # the tail's share drawn uniformly from all non-top-K points (KernelProposal)
+
     def __init__(self, K: int, S: int):
         check(isinstance(K, int) and K >= 1, "method.K", K, "must be an integer >= 1")
         check(isinstance(S, int) and S >= 0, "method.S", S, "must be an integer >= 0")
         self.K, self.S = K, S
 
+    def check_data(self, dataset) -> None:
+        """Fail before any work if the data set lacks what this proposal needs (default: nothing)."""
+
     def check_size(self, n_ref: int, m: int) -> None:
         check(self.K <= n_ref, "method.K", self.K, f"exceeds the number of training points N={n_ref}")
         if self.S > 0:
-            check(self.K < m, "method.K", self.K, f"leaves no tail to sample S={self.S} from among M={m} candidates")
+            if self.uniform_share < 1:
+                check(self.K < m, "method.K", self.K, f"leaves no tail to sample S={self.S} from among M={m} candidates")
+            if self.uniform_share > 0:
+                check(self.K < n_ref, "method.K", self.K, f"leaves no tail to sample S={self.S} from among N={n_ref} points")
 
     @abstractmethod
     def rows(self, ctx: "ProposalContext", split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,15 +50,25 @@ class Proposal(ABC):
 
 
 class KernelProposal(Proposal):
-    """MAPA: q(m | x_n) proportional to k(x_n, x_m), over the cached M nearest neighbours."""
+    """MAPA: q(m | x_n) proportional to k(x_n, x_m), over the cached M nearest neighbours.
 
-    def __init__(self, K: int, S: int, bandwidth: float | None = None, rho: float | None = None):
+    ``uniform_share`` eps in [0, 1]: the tail samples come from (1 - eps) q~ + eps * uniform over all
+    N - K non-top-K points, with their exact log-proposal in the weights (``mapa_exp.math.truncated``).
+    0 (the default) is q~ alone: with M < N the bound then covers the neighbour subset only (still a
+    lower bound); eps > 0 makes it unbiased for the full tail again.
+    """
+
+    def __init__(
+        self, K: int, S: int, bandwidth: float | None = None, rho: float | None = None, uniform_share: float = 0.0
+    ):
         super().__init__(K, S)
         if bandwidth is not None:
             check(bandwidth > 0, "method.bandwidth", bandwidth, "must be > 0 (or null for the likelihood's default)")
         if rho is not None:
             check(0.5 < rho < 1, "method.rho", rho, "must lie in (0.5, 1)")
-        self.bandwidth, self.rho = bandwidth, rho
+        check(isinstance(uniform_share, (int, float)) and 0 <= uniform_share <= 1, "method.uniform_share",
+              uniform_share, "must be a number in [0, 1]")
+        self.bandwidth, self.rho, self.uniform_share = bandwidth, rho, float(uniform_share)
 
     def rows(self, ctx, split):
         idx, dist = ctx.neighbors[split]
@@ -61,7 +80,13 @@ class KernelProposal(Proposal):
 class GroundTruthPosteriorProposal(Proposal):
     """MAPA-GT: q(m | x_n) = p(i_n = m | x_n) under the ground truth (Eq 7), over all N."""
 
+    def check_data(self, dataset) -> None:
+        check(getattr(dataset, "has_ground_truth", True), "method", "mapa_gt",
+              f"needs ground-truth codes and a decoder, and dataset {getattr(dataset, 'name', '?')!r} has none "
+              "(observed data); use method=mapa or method=mapa_naive")
+
     def rows(self, ctx, split):
+        self.check_data(ctx.groundtruth)
         self.check_size(ctx.n_train, ctx.n_train)
         with torch.no_grad():
             means = ctx.groundtruth.decoder(ctx.z_train)  # (N, Dx)

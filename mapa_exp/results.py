@@ -1,0 +1,252 @@
+"""Sweep results as one tidy table, and the two reductions every figure and report shares.
+
+``collect(sweeps)`` reads every run folder below the given sweep folders -- ``results.json`` (training,
+``source = "train"``), ``eval.json`` (evaluation, ``source = "eval"``) and, for the columns results.json
+lacks, the run's resolved ``config.yaml`` -- into one row per run x source x metric:
+
+    sweep, experiment, run, run_dir, dataset, method, K, S, K_fraction, bandwidth, draw, seed,
+    n_train, batch_size, status, reason, source, metric, value
+
+Nothing is dropped: a failed (or preempted, or still running) run keeps its rows with its status and
+reason, a run that has no numbers gets one row with an empty metric, and a job folder that never wrote
+results.json is a row with status ``missing``.
+
+``best_restarts`` keeps, per configuration, the restart (seed) with the highest validation log-likelihood
+(spec §7); ``mean_se_over_draws`` averages a metric over the D data draws with its standard error. The
+plotting scripts and the report read only the table and use these two functions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mapa_exp.io import atomic_write_bytes
+
+# identity of a run; "seed" is the restart, "draw" the data draw
+CONFIG_COLUMNS = ["sweep", "experiment", "dataset", "method", "K", "S", "K_fraction", "bandwidth", "draw"]
+RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size"]
+TIDY_COLUMNS = ["sweep", "experiment", *RUN_COLUMNS, "status", "reason", "source", "metric", "value"]
+INT_COLUMNS = ["K", "S", "seed", "draw", "n_train", "batch_size"]
+FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
+# results.json keys that identify the run rather than measure it
+IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "draw", "run_dir"}
+# columns read from the run's resolved config.yaml (results.json does not carry them)
+FROM_CONFIG = {"K_fraction": "method.K_fraction", "bandwidth": "method.bandwidth", "n_train": "dataset.n_train",
+               "batch_size": "data.batch_size"}
+
+SELECT_BY = ("val_loglik/quadrature", "val_loglik/mog_iwae", "val_bound")  # first present wins
+
+
+# -- reading run folders ------------------------------------------------------------------------
+def find_job_folders(sweep: Path) -> list[Path]:
+    """Every run folder at or below ``sweep``: one holding results.json, or a Hydra job folder (``.hydra/``)."""
+    found = {p.parent for p in sweep.rglob("results.json")}
+    found |= {p.parent for p in sweep.rglob(".hydra") if p.is_dir() and p.parent != sweep}
+    return sorted(p for p in found if ".submitit" not in p.parts)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _select(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d if not isinstance(d, str) or not d.startswith("${") else None  # unresolved interpolation
+
+
+def _number(v) -> float | None:
+    """A float for numbers and booleans; None for anything else (strings, lists, None)."""
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+        return float(v)
+    return None
+
+
+def _run_identity(folder: Path, sweep: Path, results: dict | None) -> dict:
+    """The run's identity columns, from results.json, else its config.yaml, else Hydra's job config."""
+    cfg = _read_yaml(folder / "config.yaml") or _read_yaml(folder / ".hydra" / "config.yaml")
+    hydra_cfg = _read_yaml(folder / ".hydra" / "hydra.yaml")
+    res = results or {}
+    ident = {
+        "sweep": str(sweep),
+        "experiment": _select(hydra_cfg, "hydra.runtime.choices.experiment"),
+        "run": str(folder.relative_to(sweep)) if folder != sweep else ".",
+        "run_dir": str(folder),
+        "dataset": res.get("dataset", _select(cfg, "dataset.name")),
+        "method": res.get("method", _select(cfg, "method.name")),
+        "K": res.get("K", _select(cfg, "method.K")),
+        "S": res.get("S", _select(cfg, "method.S")),
+        "seed": res.get("seed", _select(cfg, "seed")),
+        "draw": res.get("draw", _select(cfg, "dataset.draw")),
+    }
+    for column, key in FROM_CONFIG.items():
+        ident[column] = _select(cfg, key)
+    return ident
+
+
+def _file_rows(ident: dict, source: str, data: dict, metrics: dict) -> list[dict]:
+    """Rows of one results.json / eval.json: one per numeric metric, or one empty row if there is none."""
+    base = {**ident, "status": data.get("status", "unknown"), "reason": data.get("reason"), "source": source}
+    rows = [{**base, "metric": name, "value": num} for name, v in metrics.items() if (num := _number(v)) is not None]
+    return rows or [{**base, "metric": None, "value": np.nan}]
+
+
+def run_rows(folder: Path, sweep: Path) -> list[dict]:
+    """The tidy rows of one run folder (see the module docstring)."""
+    results = _read_json(folder / "results.json")
+    ident = _run_identity(folder, sweep, results)
+    if results is None:
+        reason = "no results.json: the job died before training started" if not (folder / "results.json").exists() \
+            else "results.json is unreadable"
+        return [{**ident, "status": "missing", "reason": reason, "source": "train", "metric": None, "value": np.nan}]
+    rows = _file_rows(ident, "train", results, {k: v for k, v in results.items() if k not in IDENTITY_KEYS})
+    evaluation = _read_json(folder / "eval.json")
+    if evaluation is not None:
+        rows += _file_rows(ident, "eval", evaluation, evaluation.get("metrics") or {})
+    elif (folder / "eval.json").exists():
+        rows.append({**ident, "status": "missing", "reason": "eval.json is unreadable", "source": "eval",
+                     "metric": None, "value": np.nan})
+    return rows
+
+
+def collect(sweeps: Iterable[str | Path]) -> pd.DataFrame:
+    """One tidy table of every run below the given sweep (or run) folders."""
+    rows: list[dict] = []
+    for sweep in sweeps:
+        sweep = Path(sweep).expanduser().resolve()
+        if not sweep.is_dir():
+            raise FileNotFoundError(f"sweep folder {sweep} does not exist")
+        for folder in find_job_folders(sweep):
+            rows += run_rows(folder, sweep)
+    return tidy_frame(rows)
+
+
+def tidy_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Rows as a DataFrame with the tidy columns, in order, and stable dtypes (nullable ints)."""
+    df = pd.DataFrame(rows)
+    for c in TIDY_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    df = df[TIDY_COLUMNS].copy()
+    for c in INT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    for c in FLOAT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    for c in set(TIDY_COLUMNS) - set(INT_COLUMNS) - set(FLOAT_COLUMNS):
+        df[c] = df[c].astype("string")
+    return df.sort_values(["sweep", "run", "source", "metric"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+# -- files -------------------------------------------------------------------------------------
+def write_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
+    """``<stem>.csv`` and ``<stem>.parquet``, each written atomically; returns both paths."""
+    stem = Path(stem)
+    csv, parquet = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".parquet")
+    atomic_write_bytes(csv, df.to_csv(index=False).encode())
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(parquet, buf.getvalue())
+    return csv, parquet
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A tidy table from ``.parquet`` or ``.csv``, with the dtypes ``collect`` gives."""
+    path = Path(path)
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=True)
+    return tidy_frame(df)
+
+
+# -- reductions --------------------------------------------------------------------------------
+def wide(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run: its identity columns, ``status_train`` / ``status_eval``, and a column per metric."""
+    keys = ["sweep", "experiment", *RUN_COLUMNS]
+    t = table if metrics is None else table[table["metric"].isin(list(metrics))]
+    runs = table[keys].drop_duplicates("run_dir")
+    status = table.drop_duplicates(["run_dir", "source"]).pivot(index="run_dir", columns="source", values="status")
+    status.columns = [f"status_{c}" for c in status.columns]
+    values = t.dropna(subset=["metric"]).pivot_table(index="run_dir", columns="metric", values="value", aggfunc="first")
+    out = runs.merge(status, left_on="run_dir", right_index=True, how="left")
+    out = out.merge(values, left_on="run_dir", right_index=True, how="left")
+    for c in ("status_train", "status_eval"):
+        if c not in out.columns:
+            out[c] = pd.NA
+    return out.reset_index(drop=True)
+
+
+def selection_metric(table: pd.DataFrame, candidates: Sequence[str] = SELECT_BY) -> str:
+    """The first of ``candidates`` the table has values for (validation log-likelihood first)."""
+    present = set(table["metric"].dropna())
+    for m in candidates:
+        if m in present:
+            return m
+    raise KeyError(f"none of the selection metrics {list(candidates)} is in the table")
+
+
+def best_restarts(table: pd.DataFrame, select_by: str | None = None, config: Sequence[str] = CONFIG_COLUMNS) -> pd.DataFrame:
+    """Per configuration (``config`` columns: everything but the seed), the one completed restart with the
+    highest ``select_by`` (default: ``selection_metric``), as a wide table (see ``wide``) with a column
+    ``restarts`` = the number of completed restarts it was chosen from. Ties go to the lowest seed."""
+    select_by = select_by or selection_metric(table)
+    w = wide(table)
+    if select_by not in w.columns:
+        raise KeyError(f"selection metric {select_by!r} is not in the table")
+    ok = w["status_train"].eq("completed").fillna(False)
+    source = table.loc[table["metric"] == select_by, "source"]
+    if len(source) and (source == "eval").all():
+        ok &= w["status_eval"].eq("completed").fillna(False)
+    w = w[ok & w[select_by].notna()].copy()
+    config = list(config)
+    w["restarts"] = w.groupby(config, dropna=False)["run_dir"].transform("size")
+    w = w.sort_values([*config, select_by, "seed"], ascending=[True] * len(config) + [False, True], na_position="first")
+    return w.drop_duplicates(config, keep="first").reset_index(drop=True)
+
+
+def mean_se_over_draws(best: pd.DataFrame, metric: str, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, standard error (sample sd / sqrt(n), NaN for one draw) and n of ``metric`` over draws,
+    per ``by`` (default: the configuration columns without ``draw``), from a ``best_restarts`` table."""
+    by = [c for c in (by or CONFIG_COLUMNS) if c != "draw"]
+    if metric not in best.columns:
+        raise KeyError(f"metric {metric!r} is not in the table")
+    g = best.dropna(subset=[metric]).groupby(by, dropna=False)[metric]
+    out = g.agg(mean="mean", sd=lambda v: v.std(ddof=1), n="count").reset_index()
+    out["se"] = out["sd"] / np.sqrt(out["n"])
+    out.loc[out["n"] < 2, "se"] = np.nan
+    return out.drop(columns="sd")[[*by, "mean", "se", "n"]]
+
+
+def series_label(table: pd.DataFrame) -> pd.Series:
+    """A legend label per row: the method, plus its K rule where one method appears with several
+    (``K_fraction`` f: "mapa K=ceil(0.1S)", f = 0: "mapa K=1"; a fixed K: "mapa K=5")."""
+    def rule(row) -> str:
+        f = row["K_fraction"]
+        if pd.notna(f):
+            return "K=1" if f == 0 else f"K=ceil({f:g}S)"
+        return f"K={int(row['K'])}" if pd.notna(row["K"]) else ""
+
+    rules = table.apply(rule, axis=1) if len(table) else pd.Series([], dtype="string")
+    several = rules.groupby(table["method"]).transform("nunique") > 1 if len(table) else rules
+    return table["method"].astype(str).where(~several, table["method"].astype(str) + " " + rules)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Figure 2b / D.2: forward passes per data point per gradient step against S, IWAE and MAPA (each K rule),
+in both accountings of spec §5 -- decoder-dominated (MAPA |U|/B vs IWAE S) and encoder ≈ decoder
+(MAPA 2|U|/B vs IWAE 1+S) -- with the "MAPA Max" line: MAPA never needs more than the N training points
+per batch of B (N/B per point, 2N/B in the second accounting).
+
+    python scripts/plot_passes.py TABLE.parquet [-o docs/figures/passes.png]
+
+Reads only the tidy table written by scripts/collect.py (completed training runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from mapa_exp.results import read_table, series_label, wide  # noqa: E402
+
+ACCOUNTINGS = {
+    "passes_per_point_decoder": ("decoder-dominated", 1),
+    "passes_per_point_encoder_decoder": ("encoder ≈ decoder", 2),
+}
+
+
+def passes_summary(table):
+    """Mean passes per point of completed training runs per (dataset, label, S, accounting), with N and B."""
+    w = wide(table, list(ACCOUNTINGS))
+    w = w[w["status_train"].eq("completed").fillna(False)].copy()
+    present = [m for m in ACCOUNTINGS if m in w.columns]
+    if w.empty or not present:
+        raise KeyError("the table has no completed training runs with forward-pass counts")
+    w["label"] = series_label(w)
+    long = w.melt(id_vars=["dataset", "method", "label", "K_fraction", "S", "n_train", "batch_size"],
+                  value_vars=present, var_name="accounting", value_name="passes_per_point").dropna(subset=["passes_per_point"])
+    keys = ["dataset", "method", "label", "K_fraction", "S", "accounting"]
+    out = long.groupby(keys, dropna=False).agg(passes_per_point=("passes_per_point", "mean"),
+                                                runs=("passes_per_point", "size"),
+                                                n_train=("n_train", "max"), batch_size=("batch_size", "max"))
+    return out.reset_index()
+
+
+def draw(table, out: Path) -> Path:
+    s = passes_summary(table)
+    sns.set_theme(style="whitegrid", font_scale=0.9)
+    datasets = sorted(s["dataset"].unique())
+    labels = sorted(s["label"].unique())
+    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
+    accountings = [m for m in ACCOUNTINGS if m in set(s["accounting"])]
+    fig, axes = plt.subplots(len(datasets), len(accountings), figsize=(4.5 * len(accountings), 3.2 * len(datasets)),
+                             squeeze=False)
+    for i, ds in enumerate(datasets):
+        for j, metric in enumerate(accountings):
+            title, factor = ACCOUNTINGS[metric]
+            ax, d = axes[i, j], s[(s["dataset"] == ds) & (s["accounting"] == metric)]
+            for lab in labels:
+                c = d[d["label"] == lab].sort_values("S")
+                if not c.empty:
+                    ax.plot(c["S"].astype(float), c["passes_per_point"], marker="o", ms=4, label=lab, color=palette[lab])
+            mapa = d[d["method"].str.startswith("mapa")]
+            if not mapa.empty and mapa["n_train"].notna().any() and mapa["batch_size"].notna().any():
+                cap = factor * float(mapa["n_train"].max()) / float(mapa["batch_size"].max())
+                ax.axhline(cap, color="grey", ls="--", lw=1, label="MAPA Max (N/B)")
+            ax.set_xscale("log")
+            s_values = sorted({float(v) for v in d["S"]}) or [1.0]
+            ax.set_xticks(s_values, [f"{v:g}" for v in s_values])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            if len(d) and d["passes_per_point"].max() > 10 * d["passes_per_point"].min():
+                ax.set_yscale("log")
+            ax.set_xlabel("S")
+            ax.set_ylabel("forward passes per point")
+            ax.set_title(f"{ds}: {title}")
+    legend = {}  # every label of every panel, once
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    handles, names = list(legend.values()), list(legend)
+    fig.tight_layout()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("table", type=Path)
+    p.add_argument("-o", "--out", type=Path, default=Path("docs/figures/passes.png"))
+    a = p.parse_args(argv)
+    try:
+        out = draw(read_table(a.table), a.out)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

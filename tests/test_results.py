@@ -1,0 +1,199 @@
+"""The results table: collect run folders, choose restarts, average over draws, report -- on hand-made
+inputs whose answers are known."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mapa_exp.results import (
+    TIDY_COLUMNS, best_restarts, collect, mean_se_over_draws, read_table, selection_metric, series_label,
+    tidy_frame, write_table,
+)
+from tests.conftest import ROOT
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- a hand-made table ---------------------------------------------------------------------------
+# mapa, per draw: (seed, val log-lik, test KL); the best restart by val log-lik, ties to the lower seed
+MAPA = {0: [(0, -1.0, 0.30), (1, -0.5, 0.10)],  # seed 1 -> 0.10
+        1: [(0, -0.2, 0.20), (1, -0.9, 0.50)],  # seed 0 -> 0.20
+        2: [(0, -0.7, 0.60), (1, -0.7, 0.90)]}  # tie -> seed 0 -> 0.60
+# vae: the failed seed 0 of draw 0 has the best val log-lik but must not be chosen; no draw 2
+VAE = {0: [(0, 5.0, 0.00, "failed"), (1, -3.0, 1.00, "completed")],  # seed 1 -> 1.00
+       1: [(0, -2.0, 1.50, "completed"), (1, -1.0, 2.50, "completed")]}  # seed 1 -> 2.50
+
+
+def _rows(method, K, K_fraction, draw, seed, val, kl, status="completed", passes=None):
+    run = f"{method}_d{draw}_s{seed}"
+    base = dict(sweep="/s", experiment="paper_density", run=run, run_dir=f"/s/{run}", dataset="circle", method=method,
+                K=K, S=2, K_fraction=K_fraction, bandwidth=None, seed=seed, draw=draw, n_train=1000, batch_size=100)
+    train = dict(base, status="failed", reason="boom") if status == "failed" else dict(base, status="completed", reason=None)
+    rows = [dict(train, source="train", metric="val_bound", value=val - 1.0)]
+    if passes is not None:
+        rows.append(dict(train, source="train", metric="passes_per_point_decoder", value=passes))
+    if status != "failed":
+        rows += [dict(base, status="completed", reason=None, source="eval", metric="val_loglik/quadrature", value=val),
+                 dict(base, status="completed", reason=None, source="eval", metric="test_kl/quadrature", value=kl)]
+    return rows
+
+
+@pytest.fixture()
+def table() -> pd.DataFrame:
+    rows = []
+    for draw, runs in MAPA.items():
+        for seed, val, kl in runs:
+            rows += _rows("mapa", 1, 0.5, draw, seed, val, kl, passes=1.6)
+    for draw, runs in VAE.items():
+        for seed, val, kl, status in runs:
+            rows += _rows("vae", None, 0.5, draw, seed, val, kl, status, passes=2.0)
+    return tidy_frame(rows)
+
+
+def test_best_restart_is_the_highest_validation_loglik_among_completed_runs(table):
+    assert selection_metric(table) == "val_loglik/quadrature"
+    best = best_restarts(table)
+    chosen = {(r.method, r.draw): r.seed for r in best.itertuples()}
+    assert chosen == {("mapa", 0): 1, ("mapa", 1): 0, ("mapa", 2): 0, ("vae", 0): 1, ("vae", 1): 1}
+    # the VAE's K is missing (NaN): its configurations are kept, not dropped by the group-by
+    assert set(best["method"]) == {"mapa", "vae"}
+    assert best.set_index(["method", "draw"]).loc[("vae", 0), "restarts"] == 1  # the failed seed does not count
+    assert best.set_index(["method", "draw"]).loc[("mapa", 0), "restarts"] == 2
+
+
+def test_mean_and_standard_error_over_draws(table):
+    agg = mean_se_over_draws(best_restarts(table), "test_kl/quadrature").set_index("method")
+    # mapa: 0.10, 0.20, 0.60 -> mean 0.3, sd sqrt(0.14 / 2), se sd / sqrt(3)
+    assert agg.loc["mapa", "mean"] == pytest.approx(0.3)
+    assert agg.loc["mapa", "se"] == pytest.approx(math.sqrt(0.07) / math.sqrt(3))
+    assert agg.loc["mapa", "n"] == 3
+    # vae: 1.0, 2.5 -> mean 1.75, se = sd / sqrt(2) = 0.75
+    assert agg.loc["vae", "mean"] == pytest.approx(1.75)
+    assert agg.loc["vae", "se"] == pytest.approx(0.75)
+    one = mean_se_over_draws(best_restarts(table)[lambda d: d["draw"] == 0], "test_kl/quadrature")
+    assert one["se"].isna().all() and (one["n"] == 1).all()  # one draw: no standard error
+
+
+def test_selection_by_training_bound_when_there_is_no_evaluation(table):
+    train_only = table[table["source"] == "train"]
+    assert selection_metric(train_only) == "val_bound"
+    best = best_restarts(train_only)
+    assert len(best) == 5 and "test_kl/quadrature" not in best.columns
+
+
+def test_series_labels_name_the_K_rule_only_where_a_method_has_several():
+    t = tidy_frame([dict(method="mapa", K=1, K_fraction=0.0), dict(method="mapa", K=5, K_fraction=0.5),
+                    dict(method="iwae", K=None, K_fraction=0.5), dict(method="iwae", K=None, K_fraction=0.1)])
+    assert list(series_label(t)) == ["mapa K=1", "mapa K=ceil(0.5S)", "iwae K=ceil(0.5S)", "iwae K=ceil(0.1S)"]
+    t2 = tidy_frame([dict(method="mapa", K=5, K_fraction=None), dict(method="vae", K=None, K_fraction=None)])
+    assert list(series_label(t2)) == ["mapa", "vae"]
+
+
+# -- collect: run folders in, tidy rows out --------------------------------------------------------
+def _run_folder(root: Path, name: str, results: dict | None, evaluation: dict | None = None, cfg: str | None = None):
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      experiment: paper_density_smoke\n")
+    if cfg is not None:
+        (d / "config.yaml").write_text(cfg)
+        (d / ".hydra" / "config.yaml").write_text(cfg)
+    if results is not None:
+        (d / "results.json").write_text(json.dumps({**results, "run_dir": str(d)}))
+    if evaluation is not None:
+        (d / "eval.json").write_text(json.dumps(evaluation))
+    return d
+
+
+CFG = """seed: {seed}
+dataset: {{name: circle, draw: 1, n_train: 200}}
+method: {{name: {method}, S: 2, K: 1, K_fraction: 0.5, bandwidth: 0.02}}
+data: {{batch_size: 100}}
+"""
+
+
+def test_collect_keeps_every_run_and_marks_the_failed_ones(tmp_path):
+    sweep = tmp_path / "sweep"
+    ident = dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=1)
+    _run_folder(sweep, "0_circle_mapa", dict(ident, status="completed", val_bound=-1.5, train_bound=-1.25,
+                                            proximity_cache_hit=True, passes_per_point_decoder=1.6, epochs=2),
+                dict(ident, status="completed", run_dir="x", metrics={"test_kl/quadrature": 0.25, "val_loglik/quadrature": -1.0,
+                                                                      "test_loglik_se/mog_iwae": 0.01}),
+                CFG.format(seed=0, method="mapa"))
+    _run_folder(sweep, "1_circle_mapa", dict(ident, seed=1, status="failed", reason="FloatingPointError: non-finite loss",
+                                            wall_time_s=3.0), None, CFG.format(seed=1, method="mapa"))
+    _run_folder(sweep, "2_circle_mapa", dict(ident, seed=2, status="completed", val_bound=-2.0),
+                dict(ident, seed=2, status="failed", reason="quadrature did not converge", metrics={}),
+                CFG.format(seed=2, method="mapa"))
+    _run_folder(sweep, "3_circle_vae", None, None, CFG.format(seed=3, method="vae"))  # died before training
+
+    t = collect([sweep])
+    assert list(t.columns) == TIDY_COLUMNS
+    assert t["run_dir"].nunique() == 4
+    by = {(r.run, r.source, r.metric): r for r in t.itertuples()}
+    ok = by[("0_circle_mapa", "eval", "test_kl/quadrature")]
+    assert ok.value == 0.25 and ok.status == "completed" and ok.experiment == "paper_density_smoke"
+    assert (ok.K_fraction, ok.bandwidth, ok.n_train, ok.batch_size, ok.draw) == (0.5, 0.02, 200, 100, 1)
+    assert by[("0_circle_mapa", "train", "val_bound")].value == -1.5
+    assert by[("0_circle_mapa", "train", "proximity_cache_hit")].value == 1.0
+    assert by[("0_circle_mapa", "eval", "test_loglik_se/mog_iwae")].value == 0.01
+    failed = t[t["run"] == "1_circle_mapa"]
+    assert set(failed["status"]) == {"failed"} and set(failed["reason"]) == {"FloatingPointError: non-finite loss"}
+    assert list(failed["metric"]) == ["wall_time_s"]
+    bad_eval = t[(t["run"] == "2_circle_mapa") & (t["source"] == "eval")]
+    assert len(bad_eval) == 1 and bad_eval["status"].iloc[0] == "failed" and bad_eval["metric"].isna().all()
+    assert bad_eval["reason"].iloc[0] == "quadrature did not converge"
+    missing = t[t["run"] == "3_circle_vae"]
+    assert len(missing) == 1 and missing["status"].iloc[0] == "missing"
+    assert (missing["method"].iloc[0], missing["seed"].iloc[0]) == ("vae", 3)  # identity from the job's config
+
+    csv, parquet = write_table(t, tmp_path / "tables" / "tidy")
+    for path in (csv, parquet):
+        back = read_table(path)
+        pd.testing.assert_frame_equal(back, t, check_dtype=True)
+    assert not list((tmp_path / "tables").glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_collect_cli_writes_csv_and_parquet(tmp_path):
+    sweep = tmp_path / "sweep"
+    _run_folder(sweep, "0_circle_mapa", dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=0,
+                                            status="completed", val_bound=-1.0), None, CFG.format(seed=0, method="mapa"))
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "1 runs, 1 rows (train completed: 1)" in p.stdout
+    assert read_table(sweep / "tidy.parquet")["value"].tolist() == [-1.0]
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("error: sweeps=")
+
+
+# -- the report ---------------------------------------------------------------------------------
+def test_report_states_the_numbers_and_the_claims(table, tmp_path):
+    report = load_script("report")
+    path = tmp_path / "tidy.parquet"
+    write_table(table, tmp_path / "tidy")
+    out = report.write_report([path], tmp_path / "docs" / "REPORT.md", tmp_path / "docs" / "figures")
+    text = out.read_text()
+    # the density table: mean ± s.e. (draws)
+    assert "| mapa | 0.300 ± 0.153 (3) |" in text
+    assert "| vae | 1.750 ± 0.750 (2) |" in text
+    # the claim, with its numbers: MAPA 0.3 vs VAE 1.75 differs by 1.45 < 2 * sqrt(0.153^2 + 0.75^2) = 1.53
+    assert "| circle | MAPA < VAE and IWAE | 0.300 ± 0.153 vs 1.750 ± 0.750 (vae) | holds, within 2 s.e. |" in text
+    # runs and failures
+    assert "| train | failed | 1 |" in text and "boom" in text
+    # figures exist, are linked relative to the report, and are real PNGs
+    for name in ("density.png", "passes.png"):
+        png = tmp_path / "docs" / "figures" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"](figures/{name})" in text
