@@ -68,8 +68,8 @@ def ground_truth_scores(run: Run, estimator, cache: ArrayCache | None) -> tuple[
 
 
 def has_ground_truth(run: Run) -> bool:
-    gt = run.datamodule.groundtruth
-    return getattr(gt, "decoder", None) is not None and run.datamodule.z.get("test") is not None
+    """Whether the data come with a ground-truth decoder (synthetic truths) or not (digits, user files)."""
+    return getattr(run.datamodule.groundtruth, "has_ground_truth", True)
 
 
 def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
