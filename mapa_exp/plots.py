@@ -59,6 +59,16 @@ def decoders_figure(curves: pd.DataFrame, data: pd.DataFrame, title: str):
     return fig
 
 
+def legend_right(fig, axes) -> None:
+    """One legend for the whole figure, right of the panels: every label of every panel, once."""
+    legend = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
 def save(fig, path) -> None:
     """Write a figure atomically (temporary name, then rename)."""
     import io as _io

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mapa_exp.plots import legend_right, save
 from mapa_exp.results import best_restarts, mean_se_over_draws, read_table, series_label  # noqa: E402
 
 KL_METRICS = ("test_kl/quadrature", "test_kl/mog_iwae")
@@ -74,17 +75,9 @@ def draw(table, out: Path, metric: str | None = None, select_by: str | None = No
         ax.set_ylabel(f"test KL (nats) [{metric.split('/')[1]}]")
     for ax in axes.flat[len(datasets):]:
         ax.axis("off")
-    legend = {}  # every label of every panel, once
-    for ax in axes.flat:
-        for handle, name in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(name, handle)
-    handles, names = list(legend.values()), list(legend)
     fig.suptitle("Test KL(p_GT || p_model): mean ± s.e. over draws, best restart by validation log-likelihood")
-    fig.tight_layout()
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    legend_right(fig, axes)
+    save(fig, out)
     return out
 
 

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mapa_exp.plots import legend_right, save
 from mapa_exp.results import read_table, series_label, wide  # noqa: E402
 
 ACCOUNTINGS = {
@@ -77,16 +78,8 @@ def draw(table, out: Path) -> Path:
             ax.set_xlabel("S")
             ax.set_ylabel("forward passes per point")
             ax.set_title(f"{ds}: {title}")
-    legend = {}  # every label of every panel, once
-    for ax in axes.flat:
-        for handle, name in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(name, handle)
-    handles, names = list(legend.values()), list(legend)
-    fig.tight_layout()
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    legend_right(fig, axes)
+    save(fig, out)
     return out
 
 

@@ -270,7 +270,6 @@ def test_cli_checkpoint_of_another_configuration(vae_checkpoint, tmp_path, cache
     assert "different configuration" in p.stderr and not (run_dir / "results.json").exists()
 
 
-@pytest.mark.skipif(not (ROOT / "evaluate.py").exists(), reason="evaluate.py not present")
 def test_cli_evaluation_of_a_failed_run(tmp_path, cache_dir):
     run_dir = tmp_path / "failed"
     poison = ["+callbacks.poison._target_=tests.test_reliability.PoisonBatch", "+callbacks.poison.steps=[1]"]
