@@ -35,12 +35,17 @@ IDENTITY = ("dataset", "method", "K", "S", "seed", "draw")
 
 def model_of(run: Run, tail_knots: int = 10, n_components: int = 10, seed: int = 0) -> GenerativeModel:
     """The run's generative model with a prior: N(0, I) for the baselines, recovered for MAPA."""
-    module, lik = run.module, run.module.likelihood
+    return model_of_module(run.module, run.datamodule.x["train"], tail_knots, n_components, seed)
+
+
+def model_of_module(module, x_train: torch.Tensor, tail_knots: int = 10, n_components: int = 10,
+                    seed: int = 0) -> GenerativeModel:
+    """A trained module's generative model: its decoder with N(0, I), or with the prior of its codes of x_train."""
     if module.standard_normal_prior:
-        return standard_model(module.decoder, lik, module.latent_dim)
+        return standard_model(module.decoder, module.likelihood, module.latent_dim)
     with torch.no_grad():
-        codes = module.codes(run.datamodule.x["train"])
-    return recovered_model(module.decoder, lik, codes, tail_knots, n_components, seed)
+        codes = module.codes(x_train)
+    return recovered_model(module.decoder, module.likelihood, codes, tail_knots, n_components, seed)
 
 
 def _mean_se(ll: torch.Tensor, se: torch.Tensor | None) -> tuple[float, float | None]:
