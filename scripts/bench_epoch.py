@@ -85,8 +85,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['time_ratio']:.2f} | {r['decoder_per_point']:.2f} | {r['decoder_ratio']:.3f} | "
             f"{r['enc_dec_per_point']:.2f} | {r['enc_dec_ratio']:.3f} |")
     lines += ["", "MAPA's time beyond its forward passes is drawing the tail. With the dense structure that is a "
-              "float64 softmax over N - K candidates per point per batch, and at S = 1 `torch.multinomial` takes a "
-              "path about 15x slower than for S >= 2 (in `mapa_exp.math.proposals.sample_tail`). The truncated "
+              "float64 softmax over N - K candidates per point per batch (`torch.multinomial` at S = 1 takes a path "
+              "about 15x slower than at S >= 2, so `sample_tail` draws two iid columns and keeps one). The truncated "
               "structure draws from M - K candidates and removes most of that cost."]
     return "\n".join(lines)
 
