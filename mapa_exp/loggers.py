@@ -28,21 +28,20 @@ class SurvivingWandbLogger(WandbLogger):
                         type(exc).__name__, exc)
         self.lost = True
 
-    def log_metrics(self, *args, **kwargs) -> None:
+    def _guarded(self, send, *args, **kwargs) -> None:
+        """Call ``send`` unless the service is gone; a lost connection is noted once, not raised."""
         if self.lost:
             return
         try:
-            super().log_metrics(*args, **kwargs)
+            send(*args, **kwargs)
         except ConnectionError as exc:
             self._lose(exc)
 
+    def log_metrics(self, *args, **kwargs) -> None:
+        self._guarded(super().log_metrics, *args, **kwargs)
+
     def log_hyperparams(self, *args, **kwargs) -> None:
-        if self.lost:
-            return
-        try:
-            super().log_hyperparams(*args, **kwargs)
-        except ConnectionError as exc:
-            self._lose(exc)
+        self._guarded(super().log_hyperparams, *args, **kwargs)
 
     def after_save_checkpoint(self, *args, **kwargs) -> None:
         if not self.lost:

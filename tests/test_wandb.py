@@ -103,3 +103,26 @@ def test_multirun_gives_one_offline_run_per_job(tmp_path, cache_dir):
     assert runs[0]["run"].run_id != runs[1]["run"].run_id  # never merged
     assert runs[0]["summary"]["val/bound"] != runs[1]["summary"]["val/bound"]
     assert runs[0]["history"][0]["train/passes_decoder_step"] == 200  # VAE, S = 2: B * S decoder passes
+
+
+def test_lost_wandb_service_is_noted_once_and_not_raised(monkeypatch, caplog):
+    """SLURM's SIGTERM kills wandb-core first: the logger must stop sending, not fail the run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from mapa_exp.loggers import SurvivingWandbLogger
+
+    calls = []
+
+    def broken(self, *args, **kwargs):
+        calls.append(args)
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", broken)
+    monkeypatch.setattr(WandbLogger, "log_hyperparams", broken)
+    lg = SurvivingWandbLogger(offline=True, save_dir=".")
+    caplog.set_level("WARNING")
+    lg.log_metrics({"a": 1.0}, step=0)
+    lg.log_metrics({"a": 2.0}, step=1)
+    lg.log_hyperparams({"b": 1})
+    assert lg.lost and len(calls) == 1  # after the first failure nothing more is sent
+    assert caplog.text.count("W&B service lost") == 1
