@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from mapa_exp.errors import ConfigError
 from mapa_exp.evaluation.evaluate import build_estimators, evaluate_configured, evaluate_sweep
-from mapa_exp.training import config_error
+from mapa_exp.runs.training import config_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

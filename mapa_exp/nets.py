@@ -1,29 +1,119 @@
-"""Networks: the one MLP every encoder, decoder, g_phi and ground-truth surrogate is built from."""
+"""Networks: the one MLP every encoder, decoder, g_phi and ground-truth surrogate is built from, stack-native.
+
+``MLP(in_dim, out_dim, hidden, activation, members=E)`` is E independent networks of the same shape in one
+module: all their parameters live in a single tensor ``params`` of shape (E, P), member e's layers are views
+of row e, and a forward pass runs every member's layer as one batched matrix product (``torch.bmm``).
+Because nothing reduces across members, each member's gradient and (element-wise) Adam update are those it
+would get alone. A lone training run is a stack of one (``members=1``).
+
+Shapes:
+
+* ``members=E`` (a stack): ``forward(x)`` takes (E, ..., in_dim) and returns (E, ..., out_dim); with
+  ``members=slice(lo, hi)`` it runs only those members on x of shape (hi - lo, ..., in_dim);
+* ``members=None`` (one plain network, e.g. a ground-truth surrogate): (..., in_dim) -> (..., out_dim);
+* ``member(e)`` is member e as a plain network (a view sharing the parameters): what evaluation uses.
+
+Initialisation follows ``torch.nn.Linear`` (weights and biases uniform in ±1/sqrt(fan_in), drawn layer by
+layer, weights as (out, in) then biases); member e draws from its own generator, so it is initialised as it
+would be alone.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
+# activation -> (in-place function, whether autograd keeps the result it needs for the backward pass)
+ACTIVATIONS = {
+    "leaky_relu": lambda h: F.leaky_relu_(h),
+    "relu": lambda h: F.relu_(h),
+    "tanh": lambda h: h.tanh_(),
+    "elu": lambda h: F.elu_(h),
+    "silu": lambda h: F.silu(h),  # its backward needs the input: not in place
+}
 
 
-class MLP(nn.Sequential):
-    """in_dim -> hidden... -> out_dim with the chosen activation between layers (spec §11: 2 x 50, LeakyReLU)."""
+class MLP(nn.Module):
+    """E independent MLPs in_dim -> hidden... -> out_dim (spec §11: 2 x 50, LeakyReLU); see the module doc."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (50, 50), activation: str = "leaky_relu"):
+    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (50, 50), activation: str = "leaky_relu",
+                 members: int | None = None):
+        super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"net.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         dims = [int(in_dim), *[int(h) for h in hidden], int(out_dim)]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:
-                layers.append(ACTIVATIONS[activation]())
-        super().__init__(*layers)
-        self.in_dim, self.out_dim = dims[0], dims[-1]
+        self.in_dim, self.out_dim, self.activation = dims[0], dims[-1], activation
+        self.shapes = list(zip(dims[:-1], dims[1:]))  # (fan_in, fan_out) per layer
+        self.stacked = members is not None
+        self.members = int(members) if members is not None else 1
+        n_params = sum(a * b + b for a, b in self.shapes)
+        self.params = nn.Parameter(torch.empty(self.members, n_params))  # (E, P)
+        self.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
-        return super().forward(x)
+    @torch.no_grad()
+    def reset_parameters(self, generators: Sequence[torch.Generator | None] | None = None) -> None:
+        """nn.Linear's initialisation, member e from ``generators[e]`` (torch's global generator when None)."""
+        gens = list(generators) if generators is not None else [None] * self.members
+        if len(gens) != self.members:
+            raise ValueError(f"{len(gens)} generators for {self.members} members")
+        for e, g in enumerate(gens):
+            chunks = []
+            for a, b in self.shapes:
+                bound = 1 / math.sqrt(a)
+                chunks.append(torch.empty(b, a).uniform_(-bound, bound, generator=g).T.reshape(-1))  # stored (in, out)
+                chunks.append(torch.empty(b).uniform_(-bound, bound, generator=g))
+            self.params[e].copy_(torch.cat(chunks))
+
+    def layers(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views (W (E, in, out), b (E, 1, out)) of each layer in a (E, P) parameter tensor."""
+        E, out, off = params.shape[0], [], 0
+        for a, b in self.shapes:
+            W = params[:, off : off + a * b].view(E, a, b)
+            off += a * b
+            out.append((W, params[:, off : off + b].view(E, 1, b)))
+            off += b
+        return out
+
+    def forward(self, x: torch.Tensor, members: slice | None = None) -> torch.Tensor:
+        if not self.stacked:
+            return self._run(x.reshape(1, -1, self.in_dim), self.params).reshape(*x.shape[:-1], self.out_dim)
+        params = self.params if members is None else self.params[members]
+        return self._run(x.reshape(params.shape[0], -1, self.in_dim), params).reshape(*x.shape[:-1], self.out_dim)
+
+    def _run(self, h: torch.Tensor, params: torch.Tensor) -> torch.Tensor:  # (E, n, in) -> (E, n, out)
+        layers = self.layers(params)
+        act = ACTIVATIONS[self.activation]
+        for i, (W, b) in enumerate(layers):
+            h = torch.bmm(h, W).add_(b)  # bias added in place: bmm's backward does not need its output
+            if i < len(layers) - 1:
+                h = act(h)
+        return h
+
+    def member(self, e: int) -> "MemberView":
+        """Member e as a plain network (..., in_dim) -> (..., out_dim), sharing this stack's parameters."""
+        return MemberView(self, e)
+
+    def extra_repr(self) -> str:
+        hidden = [b for _, b in self.shapes[:-1]]
+        return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, hidden={hidden}, activation={self.activation}, "
+                f"members={self.members if self.stacked else None}")
+
+
+class MemberView(nn.Module):
+    """One member of a stacked ``MLP`` as a plain network (no parameters of its own)."""
+
+    def __init__(self, stack: MLP, e: int):
+        super().__init__()
+        if not 0 <= e < stack.members:
+            raise IndexError(f"member {e} of a stack of {stack.members}")
+        self._stack = [stack]  # not a submodule: the view owns nothing
+        self.e = e
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stack = self._stack[0]
+        return stack._run(x.reshape(1, -1, stack.in_dim), stack.params[self.e : self.e + 1]).reshape(
+            *x.shape[:-1], stack.out_dim)

@@ -8,7 +8,7 @@ draws of a configuration together in one process; writes the "Sweep throughput" 
 Variants (each runs the whole sweep once, one after the other, from a warm data cache):
   * ``slurm_1``        -- SLURM, one run per array task: a Python start-up per run (submitit's default);
   * ``slurm_together`` -- SLURM, ``hydra.launcher.jobs_per_task = R x D``: a configuration's restarts and
-                          draws in one task (mapa_exp.launchers);
+                          draws in one task (mapa_exp.sweeps.launchers);
   * ``process_per_run`` -- one ``python train.py`` process per run, one after the other (a shell loop);
   * ``basic``          -- Hydra's basic launcher: every run in this one process, one after the other;
   * ``joblib``         -- Hydra's joblib launcher: worker processes (one per core) that are reused.

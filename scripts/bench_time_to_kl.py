@@ -26,7 +26,7 @@ from mapa_exp.benchmarking import write_markdown_section
 from mapa_exp.evaluation.estimators import QuadratureEstimator, standard_model
 from mapa_exp.evaluation.evaluate import model_of_module
 from mapa_exp.io import atomic_write_json
-from mapa_exp.training import build
+from mapa_exp.runs.training import build
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@
         [-o STEM]   # writes STEM.csv and STEM.parquet; default: <first sweep>/tidy
 
 Reads every run's results.json (source "train"), eval.json (source "eval") and config.yaml; failed,
-preempted and never-finished jobs stay in the table with their status and reason (mapa_exp.results).
+preempted and never-finished jobs stay in the table with their status and reason (mapa_exp.sweeps.results).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mapa_exp.results import collect, write_table
+from mapa_exp.sweeps.results import collect, write_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from mapa_exp.evaluation.posteriors import choose_points, curves_table, posterior_curves, trend_slope
 from mapa_exp.evaluation.runs import load_run
 from mapa_exp.io import atomic_write_json, atomic_write_text
-from mapa_exp.plots import decoders_figure, posterior_trends_figure, save
+from mapa_exp.sweeps.plots import decoders_figure, posterior_trends_figure, save
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]

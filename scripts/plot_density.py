@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Figure 2a / D.1: test KL of each method per data set against S, mean ± standard error over the data
-draws, the best restart of each configuration chosen by validation log-likelihood (mapa_exp.results).
+draws, the best restart of each configuration chosen by validation log-likelihood (mapa_exp.sweeps.results).
 
     python scripts/plot_density.py TABLE.parquet [-o docs/figures/density.png] [--metric test_kl/quadrature]
 
@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mapa_exp.plots import legend_right, save
-from mapa_exp.results import best_restarts, mean_se_over_draws, read_table, series_label  # noqa: E402
+from mapa_exp.sweeps.plots import legend_right, save
+from mapa_exp.sweeps.results import best_restarts, mean_se_over_draws, read_table, series_label  # noqa: E402
 
 KL_METRICS = ("test_kl/quadrature", "test_kl/mog_iwae")
 METHOD_ORDER = ["vae", "iwae", "mapa", "mapa_gt", "mapa_naive"]

@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mapa_exp.plots import legend_right, save
-from mapa_exp.results import read_table, series_label, wide  # noqa: E402
+from mapa_exp.sweeps.plots import legend_right, save
+from mapa_exp.sweeps.results import read_table, series_label, wide  # noqa: E402
 
 ACCOUNTINGS = {
     "passes_per_point_decoder": ("decoder-dominated", 1),

@@ -26,7 +26,7 @@ import plot_density  # noqa: E402
 import plot_passes  # noqa: E402
 
 from mapa_exp.io import atomic_write_text  # noqa: E402
-from mapa_exp.results import best_restarts, mean_se_over_draws, read_table, selection_metric, series_label, wide  # noqa: E402
+from mapa_exp.sweeps.results import best_restarts, mean_se_over_draws, read_table, selection_metric, series_label, wide  # noqa: E402
 
 METHODS = ["vae", "iwae", "mapa", "mapa_gt", "mapa_naive"]
 

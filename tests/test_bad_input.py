@@ -21,7 +21,7 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-from mapa_exp.training import RunFailed, config_error, run_training
+from mapa_exp.runs.training import RunFailed, config_error, run_training
 from tests.conftest import FAST, ROOT, compose_cfg
 
 TRAINER_FAST = [o for o in FAST if o.startswith("trainer.")]

@@ -20,7 +20,7 @@ from mapa_exp.data.digits import Digits, binarized_digits
 from mapa_exp.data.files import FileDataset
 from mapa_exp.errors import ConfigError
 from mapa_exp.math.likelihoods import Bernoulli, Gaussian
-from mapa_exp.training import run_training
+from mapa_exp.runs.training import run_training
 from tests.conftest import FAST, ROOT, compose_cfg
 
 TRAINER_FAST = [o for o in FAST if o.startswith("trainer.")]

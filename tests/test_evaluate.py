@@ -15,7 +15,7 @@ from mapa_exp.errors import ConfigError
 from mapa_exp.evaluation.estimators import MogIwaeEstimator, QuadratureEstimator, standard_model
 from mapa_exp.evaluation.evaluate import evaluate_run, evaluate_sweep, model_of
 from mapa_exp.evaluation.runs import load_run
-from mapa_exp.training import run_training
+from mapa_exp.runs.training import run_training
 from tests.conftest import FAST, ROOT, compose_cfg
 
 QUICK = {"quadrature": QuadratureEstimator(J_1d=2000), "mog_iwae": MogIwaeEstimator(steps=150, S_eval=500)}

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from mapa_exp.errors import ConfigError
 from mapa_exp.resolvers import mapa_k, mapa_sweep_group
-from mapa_exp.results import read_table
-from mapa_exp.training import run_training
+from mapa_exp.sweeps.results import read_table
+from mapa_exp.runs.training import run_training
 from tests.conftest import CONF, ROOT, compose_cfg
 
 # experiment -> number of jobs of its grid

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mapa_exp.results import (
+from mapa_exp.sweeps.results import (
     TIDY_COLUMNS, best_restarts, collect, mean_se_over_draws, read_table, selection_metric, series_label,
     tidy_frame, write_table,
 )

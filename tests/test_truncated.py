@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import mapa_exp.data.datamodule as dm
-from mapa_exp.data.datamodule import BatchBuilder
+from mapa_exp.data.datamodule import ProposalTables, candidate_batch
 from mapa_exp.data.proposals import KernelProposal, ProposalContext
 from mapa_exp.data.proximity import nearest_neighbors
 from mapa_exp.errors import ConfigError
@@ -33,7 +33,7 @@ from mapa_exp.math.bounds import empirical_log_likelihood, mapa_bound
 from mapa_exp.math.likelihoods import Gaussian
 from mapa_exp.math.proposals import sample_tail, tail_log_proposal
 from mapa_exp.math.truncated import mixture_log_prob, sample_outside, sample_tail_mixture
-from mapa_exp.training import run_training
+from mapa_exp.runs.training import run_training
 from tests.conftest import FAST, compose_cfg
 
 N, K = 300, 3
@@ -65,15 +65,15 @@ def kernel_rows(x, M):
 def draw_bounds(problem, M, S, eps, R, seed=0):
     """R independent L_{K,S} per point (R, N) through the BatchBuilder, as training draws them."""
     x, ll, _ = problem
-    codes = torch.arange(N, dtype=torch.float64)[:, None]  # x_ref = the index itself: x_union names the candidates
-    builder = BatchBuilder(x, codes, kernel_rows(x, M), K=K, S=S, uniform_share=eps)
-    torch.manual_seed(seed)
+    codes = torch.arange(N, dtype=torch.float64)[None, :, None]  # x_ref = the index itself: x_union names the candidates
+    tables = ProposalTables([kernel_rows(x, M)], K)
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(R):
-        b = builder(list(range(N)))
-        cand = b["x_union"][b["pos"], 0].long()  # (N, K+S) training indices
+        b = candidate_batch(tables, codes, torch.tensor([0]), torch.arange(N)[None], [g], K, S, eps)
+        cand = b["x_union"][0][b["pos"][0], 0].long()  # (N, K+S) training indices
         ll_c = ll.gather(1, cand)
-        out.append(mapa_bound(ll_c[:, :K], ll_c[:, K:], b["tail_log_q"].double(), N))
+        out.append(mapa_bound(ll_c[:, :K], ll_c[:, K:], b["tail_log_q"][0].double(), N))
     return torch.stack(out)
 
 
@@ -119,19 +119,34 @@ def test_mixture_log_prob_equals_enumeration_and_sampling_follows_it(problem, ep
     assert ((freq - q_mix).abs() <= 5 * (q_mix * (1 - q_mix) / S).sqrt() + 1e-4).all()
 
 
-def test_zero_uniform_share_is_the_untruncated_code_path_bit_for_bit(problem):
+def test_zero_uniform_share_batch_is_sample_tail_and_unique_bit_for_bit(problem):
+    """The datamodule's MAPA batch with eps = 0 is q~'s own sampler and the sorted union, written out here."""
     x = problem[0]
     rows = kernel_rows(x, 40)
-    a = BatchBuilder(x, x, rows, K=K, S=6, uniform_share=0.0)
-    torch.manual_seed(5)
-    got = a(list(range(0, N, 3)))
-    torch.manual_seed(5)  # what the collate function did before the mixture existed
     n = torch.arange(0, N, 3)
-    pos, tail_log_q = sample_tail(tail_log_proposal(rows[1], K)[n], 6)
+    got = candidate_batch(ProposalTables([rows], K), x[None], torch.tensor([0]), n[None],
+                          [torch.Generator().manual_seed(5)], K, 6, 0.0)
+    pos, tail_log_q = sample_tail(tail_log_proposal(rows[1], K)[n], 6, torch.Generator().manual_seed(5))
     cand = torch.cat([rows[0][n, :K], torch.gather(rows[0][n, K:], 1, pos)], 1)
     union, inverse = torch.unique(cand, return_inverse=True)
-    assert torch.equal(got["pos"], inverse) and torch.equal(got["tail_log_q"], tail_log_q)
-    assert torch.equal(got["x_union"], x[union])
+    assert torch.equal(got["pos"][0], inverse) and torch.equal(got["tail_log_q"][0], tail_log_q)
+    assert torch.equal(got["x_union"][0], x[union]) and got["U"].tolist() == [len(union)]
+
+
+def test_union_of_a_stack_is_each_members_own():
+    """Members' unions are computed together (offset indices, zero padding) and equal each member's alone."""
+    from mapa_exp.data.datamodule import union_of_candidates
+
+    g = torch.Generator().manual_seed(0)
+    cand = torch.randint(0, 50, (3, 7, 4), generator=g)  # three members
+    draws = torch.tensor([1, 0, 1])
+    for n_ref in (50, 5000):  # marks over all indices (small N), or a sort (N much larger than the batch)
+        x_ref = torch.randn(2, n_ref, 3, generator=g)  # two draws
+        x_union, pos, counts = union_of_candidates(cand, x_ref, draws)
+        for e in range(3):
+            u, inv = torch.unique(cand[e], return_inverse=True)
+            assert counts[e] == len(u) and torch.equal(pos[e], inv)
+            assert torch.equal(x_union[e, : len(u)], x_ref[draws[e], u]) and (x_union[e, len(u):] == 0).all()
 
 
 # -- the bound -----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def offline_run(folder: Path) -> dict:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = rec.run
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update if i.key})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update if i.key})
         elif kind == "history":
@@ -105,24 +106,24 @@ def test_multirun_gives_one_offline_run_per_job(tmp_path, cache_dir):
     assert runs[0]["history"][0]["train/passes_decoder_step"] == 200  # VAE, S = 2: B * S decoder passes
 
 
-def test_lost_wandb_service_is_noted_once_and_not_raised(monkeypatch, caplog):
+def test_lost_wandb_service_is_noted_once_and_not_raised(caplog):
     """SLURM's SIGTERM kills wandb-core first: the logger must stop sending, not fail the run."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from mapa_exp.loggers import SurvivingWandbLogger
+    from mapa_exp.runs.loggers import WandbRun
 
     calls = []
 
-    def broken(self, *args, **kwargs):
-        calls.append(args)
-        raise ConnectionResetError("Connection lost")
+    class BrokenRun:
+        def log(self, *args, **kwargs):
+            calls.append(args)
+            raise ConnectionResetError("Connection lost")
 
-    monkeypatch.setattr(WandbLogger, "log_metrics", broken)
-    monkeypatch.setattr(WandbLogger, "log_hyperparams", broken)
-    lg = SurvivingWandbLogger(offline=True, save_dir=".")
+        finish = log
+
+    lg = WandbRun(project="p", save_dir=".", id="x", offline=True)
+    lg.run = BrokenRun()  # as if wandb.init had returned, before the service died
     caplog.set_level("WARNING")
-    lg.log_metrics({"a": 1.0}, step=0)
-    lg.log_metrics({"a": 2.0}, step=1)
-    lg.log_hyperparams({"b": 1})
+    lg.log_metrics({"step": 0, "a": 1.0})
+    lg.log_metrics({"step": 1, "a": 2.0})
+    lg.finalize("completed")
     assert lg.lost and len(calls) == 1  # after the first failure nothing more is sent
     assert caplog.text.count("W&B service lost") == 1

@@ -154,11 +154,7 @@ def fit_surrogate(net: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, cfg: d
     Deterministic: the initial weights come from ``cfg['seed']`` and the batch is fixed.
     """
     t0 = time.perf_counter()
-    with torch.random.fork_rng():
-        torch.manual_seed(int(cfg["seed"]))
-        for m in net.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.reset_parameters()
+    net.reset_parameters([torch.Generator().manual_seed(int(cfg["seed"]))])
     steps = int(cfg["steps"])
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

@@ -71,7 +71,7 @@ class KernelProposal(Proposal):
         self.bandwidth, self.rho, self.uniform_share = bandwidth, rho, float(uniform_share)
 
     def rows(self, ctx, split):
-        idx, dist = ctx.neighbors[split]
+        idx, dist = ctx.neighbors(split)
         self.check_size(ctx.n_train, idx.shape[1])
         log_k = ctx.likelihood.log_kernel(dist, bandwidth=self.bandwidth, rho=self.rho)
         return idx, log_softmax_rows(log_k)
@@ -116,9 +116,19 @@ class UniformProposal(Proposal):
 
 
 class ProposalContext:
-    """What a proposal may look at: the data, the ground truth and the cached neighbour structures."""
+    """What a proposal may look at: the data, the ground truth and the (cached) neighbour structures.
 
-    def __init__(self, groundtruth, x: dict, z_train: torch.Tensor, neighbors: dict):
+    ``neighbors(split)`` returns the structure of ``split``'s points (indices, distances), built or loaded
+    on first use: proposals that need none (MAPA-GT, MAPA-naive) never pay for it.
+    """
+
+    def __init__(self, groundtruth, x: dict, z_train: torch.Tensor | None, neighbors):
         self.groundtruth, self.likelihood = groundtruth, groundtruth.likelihood
-        self.x, self.z_train, self.neighbors = x, z_train, neighbors
+        self.x, self.z_train = x, z_train
+        self._neighbors, self._built = neighbors, {}
         self.n_train = x["train"].shape[0]
+
+    def neighbors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._built:
+            self._built[split] = self._neighbors[split] if isinstance(self._neighbors, dict) else self._neighbors(split)
+        return self._built[split]

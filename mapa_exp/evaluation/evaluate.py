@@ -41,11 +41,12 @@ def model_of(run: Run, tail_knots: int = 10, n_components: int = 10, seed: int =
 def model_of_module(module, x_train: torch.Tensor, tail_knots: int = 10, n_components: int = 10,
                     seed: int = 0) -> GenerativeModel:
     """A trained module's generative model: its decoder with N(0, I), or with the prior of its codes of x_train."""
+    decoder = module.generative_decoder(0)
     if module.standard_normal_prior:
-        return standard_model(module.decoder, module.likelihood, module.latent_dim)
+        return standard_model(decoder, module.likelihood, module.latent_dim)
     with torch.no_grad():
         codes = module.codes(x_train)
-    return recovered_model(module.decoder, module.likelihood, codes, tail_knots, n_components, seed)
+    return recovered_model(decoder, module.likelihood, codes, tail_knots, n_components, seed)
 
 
 def _mean_se(ll: torch.Tensor, se: torch.Tensor | None) -> tuple[float, float | None]:
@@ -123,9 +124,13 @@ def build_estimators(cfg) -> dict:
     return {name: hydra.utils.instantiate(node) for name, node in cfg.evaluator.items()}
 
 
-def evaluate_configured(path: str | Path, cfg) -> dict:
-    """``evaluate_run`` with the estimators, prior recovery and cache of a train or evaluate config."""
-    return evaluate_run(path, build_estimators(cfg), dict(cfg.prior_recovery), cfg.paths.cache_dir)
+def evaluate_configured(paths, cfg) -> dict | list[dict]:
+    """``evaluate_run`` with the estimators, prior recovery and cache of a train or evaluate config, for one
+    run folder or a list of them (a stack's members)."""
+    estimators = build_estimators(cfg)
+    if isinstance(paths, (list, tuple)):
+        return [evaluate_run(p, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir) for p in paths]
+    return evaluate_run(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir)
 
 
 def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | None = None,
@@ -157,7 +162,7 @@ def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | 
 def write_summary(folder: Path) -> None:
     """summary.csv: best restart per configuration, mean and standard error over draws."""
     from mapa_exp.io import atomic_write_text
-    from mapa_exp.results import best_restarts, collect, mean_se_over_draws
+    from mapa_exp.sweeps.results import best_restarts, collect, mean_se_over_draws
 
     table = collect([folder])
     table = table[table["status"] == "completed"]

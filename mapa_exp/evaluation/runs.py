@@ -47,7 +47,7 @@ def read_run_files(path: str | Path, key: str = "run") -> tuple[Path, DictConfig
 
 def load_run(path: str | Path, key: str = "run") -> Run:
     """Rebuild the run's data and module from its resolved config and load its trained weights."""
-    from mapa_exp.training import build  # the one place that turns a config into objects
+    from mapa_exp.runs.training import build  # the one place that turns a config into objects
 
     path, cfg, results = read_run_files(path, key)
     datamodule, module = build(cfg)

@@ -38,36 +38,40 @@ def log_weights_gaussian_q(
     q_logvar: torch.Tensor,
     decode: Callable[[torch.Tensor], torch.Tensor],
     log_lik: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    S: int,
+    S: int | None = None,
     estimator: str = "standard",
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reparameterised log-weights log p(x|f(z_s)) + log p(z_s) - log q(z_s|x), s = 1..S.
 
-    x: (B, Dx); q_mean, q_logvar: (B, Dz). Returns ``log_w`` (B, S) and ``z`` (B, S, Dz).
-    For ``stl`` and ``dreg`` the parameters of q are detached inside log q (the path
-    derivative only); the value is unchanged.
+    x: (..., Dx); q_mean, q_logvar: (..., Dz), any leading dimensions (e.g. (B,) or (members, B)).
+    The standard normal noise ``eps`` (..., S, Dz) is drawn from ``generator`` unless given.
+    Returns ``log_w`` (..., S) and ``z`` (..., S, Dz). For ``stl`` and ``dreg`` the parameters of q
+    are detached inside log q (the path derivative only); the value is unchanged.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"method.estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    B, Dz = q_mean.shape
-    eps = torch.randn((B, S, Dz), generator=generator, dtype=q_mean.dtype, device=q_mean.device)
-    z = q_mean[:, None, :] + torch.exp(0.5 * q_logvar)[:, None, :] * eps  # (B, S, Dz)
+    if eps is None:
+        eps = torch.randn((*q_mean.shape[:-1], S, q_mean.shape[-1]), generator=generator, dtype=q_mean.dtype,
+                          device=q_mean.device)
+    mean, logvar = q_mean.unsqueeze(-2), q_logvar.unsqueeze(-2)  # (..., 1, Dz)
+    z = mean + torch.exp(0.5 * logvar) * eps  # (..., S, Dz)
     if estimator == "standard":
-        log_q = log_normal_diag(z, q_mean[:, None, :], q_logvar[:, None, :])
+        log_q = log_normal_diag(z, mean, logvar)
     else:
-        log_q = log_normal_diag(z, q_mean.detach()[:, None, :], q_logvar.detach()[:, None, :])
-    log_p = log_lik(x[:, None, :], decode(z)) + log_normal_std(z)  # (B, S)
+        log_q = log_normal_diag(z, mean.detach(), logvar.detach())
+    log_p = log_lik(x.unsqueeze(-2), decode(z)) + log_normal_std(z)  # (..., S)
     return log_p - log_q, z
 
 
 def elbo(log_w: torch.Tensor) -> torch.Tensor:
-    """Average of S single-sample ELBOs per point: (B, S) -> (B,)."""
+    """Average of S single-sample ELBOs per point: (..., S) -> (...)."""
     return log_w.mean(-1)
 
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
-    """IWAE_S per point: logsumexp_s log_w - log S, (B, S) -> (B,)."""
+    """IWAE_S per point: logsumexp_s log_w - log S, (..., S) -> (...)."""
     return torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])
 
 

@@ -24,18 +24,41 @@ def tail_log_proposal(log_q_sorted: torch.Tensor, K: int) -> torch.Tensor:
     return torch.log_softmax(log_q_sorted[..., K:], dim=-1)
 
 
+def tail_cdf(log_q_tail: torch.Tensor) -> torch.Tensor:
+    """The cumulative distribution of q~ along each row, in float64, its last column exactly 1: (R, T) -> (R, T).
+
+    Computed once per proposal and shared by every draw (``positions_from_uniforms``); float64 keeps tail
+    entries with tiny but non-zero mass distinct.
+    """
+    cdf = torch.softmax(log_q_tail.double(), dim=-1).cumsum_(-1)
+    cdf[..., -1] = 1.0
+    return cdf
+
+
+def positions_from_uniforms(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: for uniforms u in (0, 1] (..., S) the first position whose cdf (..., T) reaches u.
+
+    A zero-mass entry (a flat step of the cdf) is never returned. Returns (..., S) int64.
+    """
+    return torch.searchsorted(cdf, u).clamp_max_(cdf.shape[-1] - 1)
+
+
+def uniforms(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """float64 uniforms in (0, 1] (never 0, so ``positions_from_uniforms`` never lands on a zero-mass entry)."""
+    return 1.0 - torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
+
+
 def sample_tail(
-    log_q_tail: torch.Tensor, S: int, generator: torch.Generator | None = None
+    log_q_tail: torch.Tensor, S: int, generator: torch.Generator | None = None, cdf: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw S positions per row iid from q~; returns positions (R, S) and their log q~ (R, S).
 
-    Sampling runs in float64 so that tail entries with tiny but non-zero mass are not lost.
+    ``cdf`` (``tail_cdf(log_q_tail)``) may be given when it is already at hand.
     """
     R = log_q_tail.shape[0]
     if S == 0:
         empty = torch.empty((R, 0), dtype=torch.long, device=log_q_tail.device)
         return empty, log_q_tail.new_empty((R, 0))
-    probs = torch.softmax(log_q_tail.double(), dim=-1)
-    # torch.multinomial takes a ~15x slower path for a single draw: draw two iid columns and keep one
-    pos = torch.multinomial(probs, max(S, 2), replacement=True, generator=generator)[:, :S]
+    cdf = tail_cdf(log_q_tail) if cdf is None else cdf
+    pos = positions_from_uniforms(cdf, uniforms((R, S), generator, cdf.device))
     return pos, torch.gather(log_q_tail, 1, pos)

@@ -29,18 +29,25 @@ import math
 
 import torch
 
+from mapa_exp.math.proposals import positions_from_uniforms, tail_cdf, uniforms
 
-def sample_outside(excluded: torch.Tensor, N: int, S: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """S indices per row drawn uniformly from {0..N-1} minus the row's ``excluded`` (R, K) distinct indices.
 
-    Draws r uniform on {0..N-K-1} and maps it to the r-th non-excluded index by stepping past the
+def outside_from_uniforms(excluded: torch.Tensor, N: int, u: torch.Tensor) -> torch.Tensor:
+    """Indices uniform on {0..N-1} minus each row's ``excluded`` (R, K) distinct indices, from uniforms u (R, S).
+
+    Maps u in (0, 1] to r uniform on {0..N-K-1}, then to the r-th non-excluded index by stepping past the
     sorted excluded ones. Returns (R, S) int64.
     """
-    R, K = excluded.shape
-    r = torch.randint(0, N - K, (R, S), generator=generator, device=excluded.device)
+    K = excluded.shape[1]
+    r = ((1.0 - u) * (N - K)).floor_().long().clamp_(0, N - K - 1)
     for e in torch.sort(excluded, dim=1).values.T:  # ascending excluded index, (R,) each
         r += (r >= e[:, None]).long()
     return r
+
+
+def sample_outside(excluded: torch.Tensor, N: int, S: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """S indices per row drawn uniformly from {0..N-1} minus the row's ``excluded`` (R, K) distinct indices."""
+    return outside_from_uniforms(excluded, N, uniforms((excluded.shape[0], S), generator, excluded.device))
 
 
 def mixture_log_prob(
@@ -57,11 +64,29 @@ def mixture_log_prob(
         return torch.full(index.shape, log_uniform, dtype=log_q_tail.dtype, device=index.device)
     tail = rows[:, K:]  # (R, T)
     sorted_tail, order = torch.sort(tail, dim=1)
-    p = torch.searchsorted(sorted_tail, index).clamp_max_(tail.shape[1] - 1)  # (R, S)
+    p = torch.searchsorted(sorted_tail, index.contiguous()).clamp_max_(tail.shape[1] - 1)  # (R, S)
     found = sorted_tail.gather(1, p) == index
     log_qt = log_q_tail.gather(1, order.gather(1, p))
     log_nb = torch.where(found, log_qt + math.log1p(-eps), torch.full_like(log_qt, -math.inf))
     return torch.logaddexp(log_nb, torch.full_like(log_nb, log_uniform))
+
+
+def mixture_from_uniforms(
+    rows: torch.Tensor, cdf_tail: torch.Tensor, K: int, N: int, uniform_share: float,
+    u_pos: torch.Tensor, u_mix: torch.Tensor, u_out: torch.Tensor,
+) -> torch.Tensor:
+    """Tail indices drawn from q_mix (module doc) given three sets of uniforms in (0, 1], each (R, S).
+
+    rows: (R, M) candidates sorted by decreasing q (top K first); cdf_tail: (R, M - K) the cdf of q~ over
+    rows[:, K:] (``mapa_exp.math.proposals.tail_cdf``). u_mix picks the component (neighbours with
+    probability 1 - eps), u_pos the neighbour, u_out the uniform draw. Returns (R, S) int64.
+    """
+    eps = float(uniform_share)
+    index = outside_from_uniforms(rows[:, :K], N, u_out)  # (R, S)
+    if eps < 1:
+        pos = positions_from_uniforms(cdf_tail, u_pos)
+        index = torch.where(u_mix > eps, rows[:, K:].gather(1, pos), index)
+    return index
 
 
 def sample_tail_mixture(
@@ -80,11 +105,6 @@ def sample_tail_mixture(
     R = rows.shape[0]
     if S == 0:
         return rows.new_empty((R, 0)), log_q_tail.new_empty((R, 0))
-    eps = float(uniform_share)
-    index = sample_outside(rows[:, :K], N, S, generator)  # (R, S)
-    if eps < 1:
-        probs = torch.softmax(log_q_tail.double(), dim=-1)  # float64: tiny tail masses are not lost
-        pos = torch.multinomial(probs, max(S, 2), replacement=True, generator=generator)[:, :S]  # S=1: a 15x slower path
-        from_neighbours = torch.rand((R, S), generator=generator, device=rows.device) >= eps
-        index = torch.where(from_neighbours, rows[:, K:].gather(1, pos), index)
-    return index, mixture_log_prob(rows, log_q_tail, K, N, eps, index)
+    u = [uniforms((R, S), generator, rows.device) for _ in range(3)]
+    index = mixture_from_uniforms(rows, tail_cdf(log_q_tail), K, N, uniform_share, *u)
+    return index, mixture_log_prob(rows, log_q_tail, K, N, uniform_share, index)

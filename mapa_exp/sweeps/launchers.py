@@ -1,4 +1,4 @@
-"""SLURM launching: the hand-over that makes a preempted job requeue itself, and jobs grouped into one task.
+"""SLURM launching: the hand-over that makes a preempted job (a run or a stack) requeue itself.
 
 A job's run folder is ``<sweep dir>/<job num>_...``; the sweep folder (its timestamp included) is fixed
 when the sweep is submitted and travels, resolved, in the pickled launcher, so every attempt of a job --
@@ -6,13 +6,13 @@ a requeue after preemption or timeout, or ``scontrol requeue`` -- runs in the sa
 resumes from its ``checkpoints/last.ckpt``.
 
 Preemption: SLURM sends SIGUSR2 ahead of a timeout (submitit's ``--signal``) or a preemption. During
-training ``mapa_exp.callbacks.StopOnSignal`` holds that signal: it finishes the epoch, writes the
+training ``mapa_exp.runs.callbacks.StopOnSignal`` holds that signal: it finishes the epoch, writes the
 checkpoint and records ``status: preempted`` (and the signal) in results.json. submitit's own handler,
 which would resubmit the job, never sees the signal then; ``HandBackPreemption`` therefore hands it back:
 after a job stops as preempted it calls the handler now installed for that signal (submitit's, restored
 when training ended), which re-dumps the job with the same arguments and runs ``scontrol requeue``.
 ``hydra_plugins.mapa_exp_launchers.slurm.SlurmLauncher`` (``hydra/launcher=slurm``) wraps its task function
-in it, and with ``jobs_per_task > 1`` submits ``JobGroup``s: several jobs, one after the other, per task.
+in it. A stacked job (``stack=true``, ``mapa_exp.sweeps.stacking``) is one array task and requeues as one.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def preempted_signal(run_dir: str | Path) -> int | None:
-    """The signal number a run in ``run_dir`` stopped on (results.json ``status: preempted``), else None."""
+    """The signal number a job in ``run_dir`` stopped on (``status: preempted`` in a stack's ``stack.json`` or a
+    run's ``results.json``), else None."""
+    run_dir = Path(run_dir)
+    status_file = run_dir / "stack.json" if (run_dir / "stack.json").exists() else run_dir / "results.json"
     try:
-        results = json.loads((Path(run_dir) / "results.json").read_text())
+        results = json.loads(status_file.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(results, dict) or results.get("status") != "preempted":
@@ -73,20 +76,3 @@ class HandBackPreemption:
         finally:  # also when the task exits (train.py exits 128 + signal after a preemption)
             if HydraConfig.initialized():
                 hand_back_signal(HydraConfig.get().runtime.output_dir)
-
-
-class JobGroup:
-    """Runs several jobs of a sweep in one SLURM task: ``JobGroup(launcher)(jobs)`` calls the launcher on each
-    job's arguments in turn and returns their JobReturns. ``checkpoint`` makes submitit resubmit the whole
-    group on preemption or timeout; there, completed jobs find their finished run and return at once."""
-
-    def __init__(self, launcher):
-        self.launcher = launcher
-
-    def __call__(self, jobs: list) -> list:
-        return [self.launcher(*job) for job in jobs]
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

@@ -1,0 +1,391 @@
+"""A training job: config in, trained run folders out (resolved config, metrics, checkpoint, results).
+
+``run_job(cfg)`` is what ``train.py`` calls: it trains the job's members (``mapa_exp.runs.members``) -- one
+run, or a stack of runs of one configuration that differ in ``seed`` and ``dataset.draw`` -- as one model
+in one process, and returns each member's results; ``run_training(cfg)`` is the same for a plain run and
+returns its one result. Each member's ``results.json`` is written atomically whatever happens:
+``status: completed`` with the final bounds and forward-pass counts, ``failed`` with the reason (members
+fail alone: a non-finite loss freezes that member only), or ``preempted`` (SIGTERM/SIGUSR2); a member killed
+outright stays ``running``. Rerun in the same folder(s), a job resumes exactly from its last checkpoint,
+keeping the metrics rows of the epochs already done; completed members are not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from mapa_exp.errors import ConfigError, check
+from mapa_exp.io import atomic_write_json, atomic_write_text
+from mapa_exp.runs.callbacks import MemberLogging, StopOnSignal
+from mapa_exp.runs.checkpoints import (
+    RunIdentity, check_resumable, checkpoint_identities, load_checkpoint_safely, save_checkpoint, slice_checkpoint,
+)
+from mapa_exp.runs.members import Member, is_stacked, members_of
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS_CPU = 8192  # chunk_rows=auto on the CPU: network rows per forward/backward chunk of members
+STACK_FILE = "stack.json"
+
+
+def build(cfg: DictConfig, seeds: list[int] | None = None, draws: list[int] | None = None):
+    """Instantiate the data and the module of a config, for one run or for a stack of members with these
+    seeds and draws (one per member); returns (datamodule, module)."""
+    seeds = [int(cfg.seed)] if seeds is None else [int(s) for s in seeds]
+    draws = [int(cfg.dataset.get("draw", 0))] * len(seeds) if draws is None else [int(d) for d in draws]
+    truths = {d: hydra.utils.instantiate(cfg.dataset, draw=d) for d in sorted(set(draws))}
+    gt = truths[draws[0]]
+    proposal = hydra.utils.instantiate(cfg.method.proposal) if cfg.method.get("proposal") else None
+    module = hydra.utils.instantiate(
+        cfg.method.module,
+        latent_dim=gt.latent_dim,
+        obs_dim=gt.obs_dim,
+        likelihood=gt.likelihood,
+        net=hydra.utils.instantiate(cfg.net),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        seeds=seeds,
+        nan_policy=cfg.get("nan_policy", "fail"),
+        chunk_rows=_chunk_rows(cfg),
+    )
+    make_datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)  # objects and lists kept out of OmegaConf
+    datamodule = make_datamodule(groundtruth=[truths[d] for d in draws], proposal=proposal, seeds=seeds,
+                                 noise_shape=module.noise_shape)
+    return datamodule, module
+
+
+def _chunk_rows(cfg: DictConfig) -> int | None:
+    """``chunk_rows``, with ``auto`` = CHUNK_ROWS_CPU on the CPU and all members at once on an accelerator."""
+    value = cfg.get("chunk_rows", "auto")
+    if value != "auto":
+        return value
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    on_gpu = accelerator in ("gpu", "cuda", "mps") or (accelerator == "auto" and torch.cuda.is_available())
+    return None if on_gpu else CHUNK_ROWS_CPU
+
+
+def configure_torch(num_threads: int | None) -> None:
+    """The process settings training runs with: ``num_threads`` CPU threads (null: torch's default)."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+
+
+def _instantiate_group(node) -> list:
+    return [hydra.utils.instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
+
+
+class RunFailed(RuntimeError):
+    """A run stopped for a reason stated in one line that names the run (e.g. a non-finite loss)."""
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """What makes two runs the same run, flat ``{config key: value}``: data, method, net, optimiser, seed.
+
+    A checkpoint resumes only into a run with the same identity; the trainer (e.g. more epochs), loggers,
+    callbacks and paths may change between attempts.
+    """
+    full = OmegaConf.to_container(cfg, resolve=True)
+    flat = _flatten({k: full[k] for k in IDENTITY_KEYS if k in full})
+    return {k: v for k, v in flat.items() if k not in VOLATILE_KEYS}
+
+
+IDENTITY_KEYS = ("dataset", "method", "net", "optimizer", "data", "seed")
+VOLATILE_KEYS = {"dataset.cache_dir", "data.cache_dir"}
+COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows")  # how a run is computed, not what it is
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_training(cfg: DictConfig) -> dict:
+    """Train one plain run (no ``stack_members``); returns its results (also in ``results.json``).
+
+    Raises RunFailed when it failed (e.g. a non-finite loss under ``nan_policy=fail``).
+    """
+    check(not is_stacked(cfg), "stack_members", cfg.get("stack_members"), "run_training trains one run; use run_job")
+    (res,) = run_job(cfg)
+    if res.get("status") == "failed":
+        raise RunFailed(res["reason"])
+    return res
+
+
+def run_job(cfg: DictConfig) -> list[dict]:
+    """Train the job's members (one run or a stack, see the module doc); returns each member's results."""
+    check(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be an integer in [0, 2**32)")
+    nt = cfg.get("num_threads")
+    check(nt is None or (isinstance(nt, int) and nt >= 1), "num_threads", nt, "must be an integer >= 1 or null")
+    members = members_of(cfg)
+    for m in members:
+        check(isinstance(m.seed, int) and 0 <= m.seed < 2**32, "seed", m.seed, "must be an integer in [0, 2**32)")
+    done = {m.index: _completed_results(m.run_dir, m.cfg) for m in members}
+    todo = [m for m in members if done[m.index] is None]
+    if not todo:
+        log.info("every run of this job already completed; nothing to do")
+        return [done[m.index] for m in members]
+    stack_dir = Path(cfg.paths.run_dir)
+    identities = [run_identity(m.cfg) for m in todo]
+    resume = _resume_point(stack_dir / "checkpoints" / "last.ckpt", identities)  # checked before anything is touched
+    stacked = is_stacked(cfg)
+    t0 = time.perf_counter()
+    results = {m.index: _initial_results(m, resume.epochs if resume else None, stack_dir if stacked else None,
+                                         len(todo)) for m in todo}
+    for m in todo:  # a member killed outright stays marked "running"
+        atomic_write_json(m.run_dir / "results.json", results[m.index])
+    if stacked:
+        _write_stack_file(stack_dir, "running", todo)
+    loggers: list[list] = []
+    try:
+        for m in todo:
+            atomic_write_text(m.run_dir / "config.yaml", OmegaConf.to_yaml(m.cfg, resolve=True))
+            loggers.append(_member_loggers(m.cfg, keep_epochs=resume.epochs if resume else None))
+        fit = _fit(cfg, todo, identities, resume, loggers)
+        outcome = _outcome(fit, todo)
+    except SIGTERMException:  # SIGTERM before StopOnSignal took over: Lightning stopped mid-epoch, saving nothing
+        outcome = {m.index: dict(status="preempted", signal=int(signal.SIGTERM), reason="SIGTERM received before "
+                   "training started; rerun the same command in this folder to resume from the last checkpoint, "
+                   "if any") for m in todo}
+    except BaseException as exc:
+        cause = config_error(exc) or _root_cause(exc)
+        for m in todo:
+            results[m.index].update(status="failed", reason=f"{type(cause).__name__}: {cause}")
+        _finish(results, todo, loggers, stack_dir if stacked else None, t0)
+        raise
+    for m in todo:
+        results[m.index].update(outcome[m.index])
+    if stacked and any(results[m.index]["status"] == "completed" for m in todo):
+        _write_member_checkpoints(stack_dir / "checkpoints" / "last.ckpt", todo, results)
+    _finish(results, todo, loggers, stack_dir if stacked else None, t0)
+    return [results.get(m.index) or done[m.index] for m in members]
+
+
+class _Resume:
+    """Where a job resumes: the checkpoint (its file, or a slice of it in memory) and the epochs done."""
+
+    def __init__(self, path: Path, ckpt: dict | None, epochs: int):
+        self.path, self.ckpt, self.epochs = path, ckpt, epochs
+
+
+def _resume_point(path: Path, identities: list[dict]) -> _Resume | None:
+    """The checkpoint to resume ``identities`` from: the stack's own, or its slice when some of its members
+    need no more training (completed); None when there is none."""
+    if not path.exists():
+        return None
+    ckpt, where = check_resumable(path, identities)
+    whole = where == list(range(len(checkpoint_identities(ckpt))))
+    return _Resume(path, None if whole else slice_checkpoint(ckpt, where), ckpt["epoch"] + 1)
+
+
+def _initial_results(m: Member, resume_epoch: int | None, stack_dir: Path | None, stack_size: int) -> dict:
+    out = {
+        "status": "running",
+        "dataset": m.cfg.dataset.name,
+        "method": m.cfg.method.name,
+        "K": m.cfg.method.get("K"),
+        "S": m.cfg.method.get("S"),
+        "seed": m.seed,
+        "draw": m.draw,
+        "run_dir": str(m.run_dir),
+        "resumed_from_epoch": resume_epoch,
+    }
+    if stack_dir is not None:
+        out.update(stack_dir=str(stack_dir), stack_size=stack_size)
+    return out
+
+
+def _finish(results: dict, todo: list[Member], loggers: list[list], stack_dir: Path | None, t0: float) -> None:
+    """Close the members' loggers and write their results (and the stack's status)."""
+    wall = time.perf_counter() - t0
+    for m, group in zip(todo, loggers):
+        for lg in group:
+            try:
+                lg.finalize(results[m.index]["status"])
+            except Exception as exc:  # noqa: BLE001 -- never mask the run's own outcome
+                log.warning("closing a logger of %s failed: %s", m.run_dir, exc)
+    for m in todo:
+        results[m.index]["wall_time_s"] = wall
+        atomic_write_json(m.run_dir / "results.json", results[m.index])
+    log.info("results: %s", ", ".join(str(m.run_dir / "results.json") for m in todo))
+    if stack_dir is not None:
+        statuses = [results[m.index]["status"] for m in todo]
+        worst = next((s for s in ("preempted", "failed", "running") if s in statuses), "completed")
+        extra = {"signal": results[todo[0].index]["signal"]} if worst == "preempted" else {}
+        _write_stack_file(stack_dir, worst, todo, wall_time_s=wall, **extra)
+
+
+def _write_stack_file(stack_dir: Path, status: str, members: list[Member], **extra) -> None:
+    """``stack.json``: the stack's status (the worst of its members') and its members' run folders."""
+    atomic_write_json(stack_dir / STACK_FILE, {"status": status, "members": [str(m.run_dir) for m in members],
+                                               **extra})
+
+
+class _Fit:
+    def __init__(self, trainer, datamodule, module, callbacks):
+        self.trainer, self.datamodule, self.module, self.callbacks = trainer, datamodule, module, callbacks
+
+
+def _fit(cfg: DictConfig, members: list[Member], identities: list[dict], resume: _Resume | None,
+         loggers: list[list]) -> _Fit:
+    """Build the stack of ``members`` and fit it (from ``resume`` when given)."""
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")  # one "batch" per epoch
+    configure_torch(cfg.get("num_threads"))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # only for code outside the members' own streams
+    datamodule, module = build(cfg, [m.seed for m in members], [m.draw for m in members])
+    datamodule.setup("fit")
+    for m, group in zip(members, loggers):
+        config = _loggable_config(m.cfg)
+        for lg in group:
+            lg.log_hyperparams(config)
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), RunIdentity(identities), MemberLogging(loggers)]
+    trainer = _build_trainer(cfg, callbacks, datamodule)
+    ckpt_path = None
+    if resume is not None:
+        ckpt_path = resume.path
+        if resume.ckpt is not None:  # a slice: resumed from a file of its own
+            ckpt_path = resume.path.with_name("resume.ckpt")
+            save_checkpoint(resume.ckpt, ckpt_path)
+    try:
+        # weights_only: the checkpoint holds tensors and plain data only (mapa_exp.runs.checkpoints)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    finally:
+        if ckpt_path is not None and ckpt_path.name == "resume.ckpt":
+            ckpt_path.unlink(missing_ok=True)
+    return _Fit(trainer, datamodule, module, callbacks)
+
+
+def _member_loggers(cfg: DictConfig, keep_epochs: int | None) -> list:
+    """The member's loggers from its ``logger`` group (a resumed CSV keeps the rows of the epochs done)."""
+    out = []
+    for c in (cfg.get("logger") or {}).values():
+        if c is None or "_target_" not in c:
+            continue
+        csv = str(c._target_).endswith("MetricsCSV")
+        out.append(hydra.utils.instantiate(c, keep_epochs=keep_epochs) if csv else hydra.utils.instantiate(c))
+    return out
+
+
+def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
+    """Each member's results after the fit returned: preempted (a signal stopped it early), failed (frozen
+    after a non-finite loss or gradient), or completed with the final bounds, evaluated on the member's
+    ``final`` random stream so that they depend on the weights alone."""
+    trainer, dm, module = fit.trainer, fit.datamodule, fit.module
+    stop = next((c for c in fit.callbacks if isinstance(c, StopOnSignal)), None)
+    skipped = module.skipped_batches.tolist()
+    if stop is not None and stop.received is not None and not _training_finished(trainer):
+        reason = (f"{signal.Signals(stop.received).name} received; stopped after epoch {trainer.current_epoch} of "
+                  f"{trainer.max_epochs} and its checkpoint; rerun the same command in this folder to resume")
+        return {m.index: {"status": "preempted", "signal": int(stop.received), "epochs": trainer.current_epoch,
+                          "skipped_batches": skipped[e], "reason": reason} for e, m in enumerate(members)}
+    train = module.mean_bounds(dm.eval_batches("train", "final"))["bound"].tolist()
+    val = module.mean_bounds(dm.eval_batches("val", "final"))["bound"].tolist()
+    failures = module.failure_reasons()
+    out = {}
+    for e, m in enumerate(members):
+        res = {"skipped_batches": skipped[e], "epochs": trainer.current_epoch}
+        if e in failures or not (math.isfinite(train[e]) and math.isfinite(val[e])):
+            why = failures.get(e) or f"final bound is not finite: {train[e]}, {val[e]}"
+            res.update(status="failed", reason=f"{why}: method={m.cfg.method.name} dataset={m.cfg.dataset.name} "
+                       f"seed={m.seed} draw={m.draw} (nan_policy={m.cfg.get('nan_policy')})")
+        else:
+            res.update(status="completed", train_bound=train[e], val_bound=val[e],
+                       surrogate_mse=dm.groundtruth.surrogate_mse, proximity_cache_hit=dm.member_cache_hit(e),
+                       **module.forward_pass_summary(e))
+        out[m.index] = res
+    return out
+
+
+def _write_member_checkpoints(stack_ckpt: Path, members: list[Member], results: dict) -> None:
+    """Each completed member's own ``checkpoints/last.ckpt``: its slice of the stack's, a complete checkpoint."""
+    ckpt = load_checkpoint_safely(stack_ckpt)
+    for e, m in enumerate(members):
+        if results[m.index]["status"] == "completed":
+            save_checkpoint(slice_checkpoint(ckpt, [e]), m.run_dir / "checkpoints" / "last.ckpt")
+
+
+def _build_trainer(cfg: DictConfig, callbacks: list, datamodule) -> L.Trainer:
+    """The Trainer; its own argument checks become ConfigErrors naming the ``trainer.<arg>`` key.
+
+    ``limit_train_batches`` / ``limit_val_batches`` limit the steps of the module's own step loop (Lightning
+    sees one batch per pass)."""
+    import re
+
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for split in ("train", "val"):
+        limit = node.pop(f"limit_{split}_batches", None)
+        check(limit is None or (isinstance(limit, (int, float)) and limit > 0), f"trainer.limit_{split}_batches",
+              limit, "must be null, an integer >= 1 or a fraction in (0, 1]")
+        datamodule.limits[split] = limit
+    try:
+        return hydra.utils.instantiate(node, callbacks=callbacks, logger=False)
+    except Exception as exc:
+        root = _root_cause(exc)
+        if config_error(exc) is not None or not isinstance(root, (ValueError, MisconfigurationException)):
+            raise
+        msg = str(root).strip().splitlines()[0]
+        name = next((w for w in re.findall(r"\w+", msg) if w in cfg.trainer and not w.startswith("_")), None)
+        raise ConfigError(f"trainer.{name}" if name else "trainer", cfg.trainer.get(name) if name else
+                          cfg.trainer.get("_target_"), msg) from exc
+
+
+def _training_finished(trainer) -> bool:
+    max_epochs = trainer.max_epochs
+    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs
+
+
+def _completed_results(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The stored results if ``run_dir`` holds a completed run of this very config (how it was computed aside)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        if not (isinstance(results, dict) and results.get("status") == "completed"):
+            return None
+        stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except (OSError, ValueError):
+        return None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for c in (stored, current):
+        for k in COMPUTE_KEYS:
+            c.pop(k, None)
+    return results if stored == current else None
+
+
+def _loggable_config(cfg: DictConfig) -> dict:
+    """The resolved run config without Hydra's own node, for logger hyperparameters."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for k in ("hydra", "stack_members", "stack_subdir"):
+        out.pop(k, None)
+    return out
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause (Hydra wraps constructor errors in InstantiationException)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def config_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``exc`` (itself, a cause, or the error being handled when it was raised:
+    OmegaConf re-raises resolver errors without ``from``), if that is what it is."""
+    seen = set()
+    while exc is not None and not isinstance(exc, ConfigError) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc if isinstance(exc, ConfigError) else None
