@@ -87,29 +87,50 @@ def test_two_job_smoke_sweep_through_submitit(slurm_cluster, tmp_path):
     assert [yaml.safe_load((r / "config.yaml").read_text())["method"]["bandwidth"] for r in runs] == [0.005, 0.02]
 
 
-@pytest.mark.parametrize("jobs_per_task", [1, 2])
-def test_preempted_job_requeues_into_its_own_folder_and_resumes(slurm_cluster, tmp_path, jobs_per_task):
-    """SIGUSR2 (SLURM's warning before a time limit or preemption) mid-training: the job checkpoints, stops,
-    is requeued by submitit and its second attempt resumes from the checkpoint in the same run folder.
-    With jobs_per_task=2 both jobs share one task: the first completes, the second is interrupted, and the
-    requeued task finds the first one done (untouched) and resumes the second."""
+def test_stacked_sweep_runs_each_stack_as_one_array_task(slurm_cluster, tmp_path):
+    """stack=true: 2 bandwidths x 2 seeds = 2 stacks of 2 members, each stack one task of the array."""
     sweep = tmp_path / "outputs" / "sweep"
-    epochs = 800 if jobs_per_task == 1 else 400
-    bandwidths = "0.01" if jobs_per_task == 1 else "0.01,0.02"
-    master = subprocess.Popen([sys.executable, "train.py", "-m", "experiment=bandwidth_smoke", f"method.bandwidth={bandwidths}",
-                               f"trainer.max_epochs={epochs}", *LAUNCHER, f"hydra.launcher.jobs_per_task={jobs_per_task}",
+    p = subprocess.run([sys.executable, "train.py", "-m", "experiment=bandwidth_smoke", "seed=0,1", "stack=true",
+                        *LAUNCHER, f"hydra.sweep.dir={sweep}"],
+                       cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "stacks")
+    assert runs == ["0_spiral_mapa_h0.005_seed0_draw0", "1_spiral_mapa_h0.005_seed1_draw0",
+                    "2_spiral_mapa_h0.02_seed0_draw0", "3_spiral_mapa_h0.02_seed1_draw0"]
+    stacks = sorted((sweep / "stacks").iterdir())
+    assert [s.name for s in stacks] == ["0_spiral_mapa", "1_spiral_mapa"]
+    for i, stack in enumerate(stacks):
+        job_id = _job_id(stack)
+        assert re.fullmatch(rf"\d+_{i}", job_id), job_id  # task i of one array
+        assert "Job completed successfully" in _submitit_log(sweep, job_id)
+        members = json.loads((stack / "stack.json").read_text())["members"]
+        assert [Path(m).name for m in members] == runs[2 * i: 2 * i + 2]
+        for m in members:
+            res = _results(Path(m))
+            assert res["status"] == "completed" and res["epochs"] == 2 and res["stack_dir"] == str(stack)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_preempted_job_requeues_into_its_own_folder_and_resumes(slurm_cluster, tmp_path, stacked):
+    """SIGUSR2 (SLURM's warning before a time limit or preemption) mid-training: the job checkpoints, stops,
+    is requeued by submitit and its second attempt resumes from the checkpoint in the same folder. A stacked
+    job (two members in one task) stops, requeues and resumes as one: both members continue."""
+    sweep = tmp_path / "outputs" / "sweep"
+    epochs = 2000
+    seeds = "0,1" if stacked else "0"
+    master = subprocess.Popen([sys.executable, "train.py", "-m", "experiment=bandwidth_smoke", "method.bandwidth=0.01",
+                               f"seed={seeds}", f"stack={stacked}", f"trainer.max_epochs={epochs}", *LAUNCHER,
                                f"hydra.sweep.dir={sweep}"],
                               cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    runs = [sweep / "0_spiral_mapa_h0.01_seed0_draw0", sweep / "1_spiral_mapa_h0.02_seed0_draw0"][:jobs_per_task]
-    run = runs[-1]  # the job to interrupt
+    runs = [sweep / "0_spiral_mapa_h0.01_seed0_draw0", sweep / "1_spiral_mapa_h0.01_seed1_draw0"][:2 if stacked else 1]
+    job_dir = sweep / "stacks" / "0_spiral_mapa" if stacked else runs[0]
     try:
         deadline = time.time() + 240
-        while _results(run).get("status") != "running" or not (run / "metrics.csv").exists():
+        while not all(_results(r).get("status") == "running" and (r / "metrics.csv").exists() for r in runs):
             assert time.time() < deadline and master.poll() is None, "the job never started training"
             time.sleep(0.5)
         time.sleep(2)
-        first = (runs[0] / "results.json").read_text() if jobs_per_task > 1 else None
-        job_id = _job_id(run)
+        job_id = _job_id(job_dir)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         _release_when_requeued(job_id, deadline=time.time() + 120)
         out, _ = master.communicate(timeout=400)
@@ -117,14 +138,12 @@ def test_preempted_job_requeues_into_its_own_folder_and_resumes(slurm_cluster, t
         if master.poll() is None:
             master.kill()
     assert master.returncode == 0, out[-3000:]
-    res = _results(run)
-    assert res["status"] == "completed" and res["epochs"] == epochs
-    assert 0 < res["resumed_from_epoch"] < epochs  # the second attempt continued the first one
-    assert sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")) == [r.name for r in runs]
-    if first is not None:  # the completed job of the requeued task was found done, not run again
-        assert (runs[0] / "results.json").read_text() == first
-        assert _results(runs[0])["resumed_from_epoch"] is None
-        assert _job_id(runs[0]) == job_id  # both jobs ran in the same SLURM task
+    for run in runs:
+        res = _results(run)
+        assert res["status"] == "completed" and res["epochs"] == epochs
+        assert 0 < res["resumed_from_epoch"] < epochs  # the second attempt continued the first one
+    folders = sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
+    assert folders == sorted([r.name for r in runs] + (["stacks"] if stacked else []))
     log = _submitit_log(sweep, job_id)
     assert "Caught signal SIGUSR2" in log and "Requeued job" in log
 
