@@ -48,7 +48,7 @@ from mapa_exp.math.bounds import (
     mapa_bound,
 )
 from mapa_exp.math.likelihoods import Gaussian
-from mapa_exp.math.proposals import log_softmax_rows, sample_tail, tail_log_proposal
+from mapa_exp.math.proposals import alias_table, log_softmax_rows, sample_tail, tail_log_proposal
 
 DT = torch.float64
 
@@ -281,6 +281,24 @@ def test_tail_log_proposal_is_renormalised_q_and_sampled_correctly(prob):
             obs, exp = torch.cat([obs, c[~big].sum()[None]]), torch.cat([exp, e[~big].sum()[None]])
         stat = ((obs - exp).pow(2) / exp).sum().item()
         assert chi2.sf(stat, df=len(obs) - 1) > 1e-3 / prob.N
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 300])
+def test_alias_table_holds_the_distribution_exactly(T):
+    """Each column's probability, summed from the table (its own share plus what it stands in for as an alias),
+    is q to float64 precision; zero-mass columns get exactly nothing; tiny masses keep their size."""
+    g = gen(T)
+    log_q = torch.randn(3, T, generator=g, dtype=torch.float64) * 3
+    if T > 2:
+        log_q[:, 1] = -math.inf  # zero mass
+        log_q[:, 2] = log_q[:, 0] - 600  # ~1e-261 of the first column's mass
+    q = torch.softmax(log_q, -1)
+    table = alias_table(log_q)
+    implied = table.prob.clone().scatter_add_(1, table.alias, 1 - table.prob) / T
+    torch.testing.assert_close(implied, q, rtol=1e-12, atol=1e-15)
+    if T > 2:
+        assert (implied[:, 1] == 0).all()  # never drawn: neither kept nor an alias
+        torch.testing.assert_close(implied[:, 2] / q[:, 2], torch.ones(3, dtype=torch.float64), rtol=1e-9, atol=0)
 
 
 def test_tail_log_proposal_peaky_kernel():

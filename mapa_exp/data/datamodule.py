@@ -9,7 +9,7 @@ noise, so a member sees exactly the batches it would see trained alone.
 The proximity structure (``mapa_exp.data.proximity``) is built once per (data, metric, M) and cached on
 disk under a key derived from the data's content; every method, restart and sweep job reuses it, and the
 log says whether the cache was hit. Kernels, bandwidths and rho are applied after loading, and the tail
-proposal's cdf is computed once per draw, so a step draws its tail samples by inverse-cdf search.
+proposal's tail is turned into an alias table once per draw, so a step draws each tail sample in O(1).
 
 A batch is a dict of stacked tensors: ``x`` (E, B, Dx) and ``index`` (E, B); for the VAE/IWAE ``eps``
 (E, B, S, Dz), standard normal noise; with a proposal (the MAPA family) ``x_union`` (E, U, Dx), the
@@ -36,7 +36,7 @@ from mapa_exp.data.proposals import Proposal, ProposalContext
 from mapa_exp.data.proximity import nearest_neighbors
 from mapa_exp.errors import check
 from mapa_exp.io import ArrayCache, content_key
-from mapa_exp.math.proposals import positions_from_uniforms, tail_cdf, tail_log_proposal, uniforms
+from mapa_exp.math.proposals import AliasTable, alias_positions, alias_table, tail_log_proposal, uniforms
 from mapa_exp.math.truncated import mixture_from_uniforms, mixture_log_prob
 from mapa_exp.seeding import generators
 
@@ -58,14 +58,16 @@ class _OnePass(Dataset):
 
 
 class ProposalTables:
-    """A proposal's rows for one split of every draw: candidates (D, n, M), log q~ and its cdf (D, n, M - K)."""
+    """A proposal's rows for one split of every draw: candidates (D, n, M), log q~ (D, n, M - K) and the
+    alias table of q~ (rows d * n + i), built once: a tail draw then costs O(1) whatever M."""
 
     def __init__(self, rows: list[tuple[torch.Tensor, torch.Tensor]], K: int):
         idx = torch.stack([r[0] for r in rows])  # (D, n, M)
         self.idx = idx.to(torch.int32) if idx.max() < 2**31 - 1 else idx
-        tails = [tail_log_proposal(r[1], K) for r in rows]
-        self.log_q_tail = torch.stack(tails)  # (D, n, T), T = M - K
-        self.cdf = torch.stack([tail_cdf(t) for t in tails]) if tails[0].shape[-1] > 0 else None  # (D, n, T) float64
+        self.log_q_tail = torch.stack([tail_log_proposal(r[1], K) for r in rows])  # (D, n, T), T = M - K
+        D, n, T = self.log_q_tail.shape
+        tables = [alias_table(t) for t in self.log_q_tail]
+        self.alias = AliasTable(torch.cat([t.prob for t in tables]), torch.cat([t.alias for t in tables]))  # (D*n, T)
 
 
 class GroundTruthDataModule(L.LightningDataModule):
@@ -102,6 +104,7 @@ class GroundTruthDataModule(L.LightningDataModule):
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        """Generate (or load) every draw; for training also the proposal's tables (``stage="evaluate"``: not)."""
         if self._ready:
             return
         if self.proposal is not None:
@@ -112,7 +115,7 @@ class GroundTruthDataModule(L.LightningDataModule):
                    for s in SPLITS}
         self.n_train = self.xs["train"].shape[1]
         self.tables: dict[str, ProposalTables] = {}
-        if self.proposal is not None:  # the VAE and IWAE need no proximity structure
+        if self.proposal is not None and stage != "evaluate":  # the VAE and IWAE need no proximity structure
             rows = {"train": [], "val": []}
             for i, d in enumerate(self.draws):
                 x = {s: self.xs[s][i] for s in SPLITS}
@@ -138,6 +141,10 @@ class GroundTruthDataModule(L.LightningDataModule):
     def member_x(self, split: str, e: int) -> torch.Tensor:
         """Member e's observations of ``split`` (n, Dx)."""
         return self.xs[split][self.member_draw[e]]
+
+    def truth(self, e: int):
+        """Member e's ground truth (or observed data set): its draw's."""
+        return self._truths[self.draws[int(self.member_draw[e])]]
 
     def _neighbors(self, draw: int, x: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached nearest training points of ``split``'s points (self-query for train)."""
@@ -242,17 +249,18 @@ def candidate_batch(tables: ProposalTables, x_ref: torch.Tensor, member_draw: to
     cand = tables.idx[draw, idx, :K].long()  # (E, b, K) the top-K set
     tail_log_q = torch.empty(E, b, 0)
     if S > 0:
-        u = torch.stack([uniforms((b, S, 3 if uniform_share > 0 else 1), g) for g in gens])  # (E, b, S, .)
-        cdf = tables.cdf[draw, idx]  # (E, b, T) float64
+        n = tables.idx.shape[1]
+        table_rows = draw * n + idx  # (E, b) rows of the alias table
+        u = torch.stack([uniforms((b, S, 4 if uniform_share > 0 else 2), g) for g in gens])  # (E, b, S, .)
         if uniform_share > 0:
             rows = tables.idx[draw, idx].long()  # (E, b, M)
             flat = lambda t: t.flatten(0, 1)  # noqa: E731  (E*b, ...)
-            tail = mixture_from_uniforms(flat(rows), flat(cdf), K, N, uniform_share, *(flat(u[..., i]) for i in range(3)))
+            tail = mixture_from_uniforms(flat(rows), tables.alias, flat(table_rows), K, N, uniform_share, flat(u))
             tail_log_q = mixture_log_prob(flat(rows), flat(tables.log_q_tail[draw, idx]), K, N, uniform_share,
                                           tail).view(E, b, S)
             tail = tail.view(E, b, S)
         else:
-            pos = positions_from_uniforms(cdf, u[..., 0])  # (E, b, S) positions in the tail
+            pos = alias_positions(tables.alias, table_rows, u)  # (E, b, S) positions in the tail
             tail = tables.idx[draw[..., None], idx[..., None], K + pos].long()
             tail_log_q = tables.log_q_tail[draw[..., None], idx[..., None], pos]
         cand = torch.cat([cand, tail], -1)  # (E, b, K+S)

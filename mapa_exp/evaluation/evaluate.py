@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mapa_exp.errors import ConfigError, check
 from mapa_exp.evaluation.estimators import GenerativeModel, recovered_model, standard_model
-from mapa_exp.evaluation.runs import Run, find_runs, load_run
+from mapa_exp.evaluation.runs import Run, find_runs, load_member_weights, read_run_files
 from mapa_exp.io import ArrayCache, atomic_write_json, content_key
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,17 @@ IDENTITY = ("dataset", "method", "K", "S", "seed", "draw")
 
 def model_of(run: Run, tail_knots: int = 10, n_components: int = 10, seed: int = 0) -> GenerativeModel:
     """The run's generative model with a prior: N(0, I) for the baselines, recovered for MAPA."""
-    return model_of_module(run.module, run.datamodule.x["train"], tail_knots, n_components, seed)
+    return model_of_module(run.module, run.datamodule.x["train"], 0, tail_knots, n_components, seed)
 
 
-def model_of_module(module, x_train: torch.Tensor, tail_knots: int = 10, n_components: int = 10,
+def model_of_module(module, x_train: torch.Tensor, e: int = 0, tail_knots: int = 10, n_components: int = 10,
                     seed: int = 0) -> GenerativeModel:
-    """A trained module's generative model: its decoder with N(0, I), or with the prior of its codes of x_train."""
-    decoder = module.generative_decoder(0)
+    """Member e's generative model: its decoder with N(0, I), or with the prior of its codes of x_train."""
+    decoder = module.generative_decoder(e)
     if module.standard_normal_prior:
         return standard_model(decoder, module.likelihood, module.latent_dim)
     with torch.no_grad():
-        codes = module.codes(x_train)
+        codes = module.codes(x_train, e)
     return recovered_model(decoder, module.likelihood, codes, tail_knots, n_components, seed)
 
 
@@ -56,10 +56,9 @@ def _mean_se(ll: torch.Tensor, se: torch.Tensor | None) -> tuple[float, float | 
     return mean, float(torch.sqrt((se.double() ** 2).sum()) / len(se))
 
 
-def ground_truth_scores(run: Run, estimator, cache: ArrayCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def ground_truth_scores(gt, x_fit: torch.Tensor, x_test: torch.Tensor, estimator,
+                        cache: ArrayCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p_GT(x_test) per point by ``estimator``, cached by (data, truth's weights, estimator config)."""
-    gt = run.datamodule.groundtruth
-    x_fit, x_test = run.datamodule.x["train"], run.datamodule.x["test"]
     weights = [p.detach().numpy() for p in gt.decoder.parameters()]
     key = content_key(x_fit.numpy(), x_test.numpy(), *weights, repr(gt.likelihood), estimator.name, estimator.config())
 
@@ -73,21 +72,66 @@ def ground_truth_scores(run: Run, estimator, cache: ArrayCache | None) -> tuple[
     return torch.from_numpy(arrays["ll"]), (None if torch.isnan(se).all() else se)
 
 
-def has_ground_truth(run: Run) -> bool:
+def has_ground_truth(datamodule) -> bool:
     """Whether the data come with a ground-truth decoder (synthetic truths) or not (digits, user files)."""
-    return getattr(run.datamodule.groundtruth, "has_ground_truth", True)
+    return getattr(datamodule.groundtruth, "has_ground_truth", True)
 
 
 def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
                  key: str = "run") -> dict:
     """Evaluate one run folder with every estimator; writes and returns ``eval.json``'s content."""
-    t0 = time.perf_counter()
-    run = load_run(path, key=key)
-    out = {k: run.results.get(k) for k in IDENTITY} | {"run_dir": str(run.path), "status": "running"}
-    try:
-        model = model_of(run, **(prior_recovery or {}))
-        x = run.datamodule.x
+    return evaluate_runs([path], estimators, prior_recovery, cache_dir, key)[0]
+
+
+def evaluate_runs(paths, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
+                  key: str = "run") -> list[dict]:
+    """Evaluate run folders of one configuration (e.g. a stack's members, differing in seed and draw) in one
+    pass: one data module holding every draw, one stacked module holding every member's weights, each
+    estimator (and its grid) shared; the ground truth's scores are cached per draw. Writes each run's
+    ``eval.json`` and returns their contents. Runs of different configurations are evaluated group by group."""
+    from mapa_exp.runs.training import build  # the one place that turns a config into objects
+
+    loaded = [read_run_files(p, key) for p in paths]
+    out: dict[Path, dict] = {}
+    for group in _same_configuration(loaded):
+        cfg = group[0][1]
+        datamodule, module = build(cfg, [r[2].get("seed", cfg.seed) for r in group],
+                                   [r[2].get("draw", cfg.dataset.get("draw", 0)) for r in group])
+        datamodule.setup("evaluate")
+        for e, (path, _, _) in enumerate(group):
+            load_member_weights(module, e, path / "checkpoints" / "last.ckpt", key)
+        module.eval()
         cache = ArrayCache(cache_dir) if cache_dir else None
+        for e, (path, _, results) in enumerate(group):
+            out[path] = _evaluate_member(path, results, module, e, datamodule, estimators, prior_recovery or {}, cache)
+    return [out[p] for p, _, _ in loaded]
+
+
+def _same_configuration(loaded: list) -> list[list]:
+    """Groups of (path, cfg, results) whose configs differ at most in seed, dataset.draw and paths."""
+    from omegaconf import OmegaConf
+
+    def shape(cfg) -> str:
+        c = OmegaConf.to_container(cfg, resolve=False)
+        c.pop("seed", None)
+        c.pop("paths", None)
+        c.get("dataset", {}).pop("draw", None)
+        return repr(c)
+
+    groups: dict[str, list] = {}
+    for item in loaded:
+        groups.setdefault(shape(item[1]), []).append(item)
+    return list(groups.values())
+
+
+def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, estimators: dict, prior_recovery: dict,
+                     cache: ArrayCache | None) -> dict:
+    t0 = time.perf_counter()
+    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "status": "running"}
+    try:
+        x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
+        model = model_of_module(module, x["train"], e, **prior_recovery)
+        gt = datamodule.truth(e)
         metrics, diagnostics, test_ll = {}, {}, {}
         for name, est in estimators.items():
             res, diag = est.evaluate(model, x["train"], {"val": x["val"], "test": x["test"]})
@@ -99,8 +143,8 @@ def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None
             test_ll[name] = res["test"][0]
             if "convergence_max_abs_diff" in diag:
                 metrics[f"convergence/{name}"] = diag["convergence_max_abs_diff"]
-            if has_ground_truth(run):
-                gt_ll, gt_se = ground_truth_scores(run, est, cache)
+            if has_ground_truth(datamodule):
+                gt_ll, gt_se = ground_truth_scores(gt, x["train"], x["test"], est, cache)
                 metrics[f"test_loglik_gt/{name}"] = _mean_se(gt_ll, gt_se)[0]
                 metrics[f"test_kl/{name}"] = float((gt_ll.double() - res["test"][0].double()).mean())
             diagnostics[name] = {**diag, "config": est.config()}
@@ -112,8 +156,8 @@ def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None
         raise
     finally:
         out["wall_time_s"] = time.perf_counter() - t0
-        atomic_write_json(run.path / "eval.json", out)
-    log_to_wandb(run.path, out["metrics"])
+        atomic_write_json(path / "eval.json", out)
+    log_to_wandb(path, out["metrics"])
     return out
 
 
@@ -129,7 +173,7 @@ def evaluate_configured(paths, cfg) -> dict | list[dict]:
     run folder or a list of them (a stack's members)."""
     estimators = build_estimators(cfg)
     if isinstance(paths, (list, tuple)):
-        return [evaluate_run(p, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir) for p in paths]
+        return evaluate_runs(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir)
     return evaluate_run(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir)
 
 

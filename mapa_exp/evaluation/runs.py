@@ -52,10 +52,26 @@ def load_run(path: str | Path, key: str = "run") -> Run:
     path, cfg, results = read_run_files(path, key)
     datamodule, module = build(cfg)
     datamodule.setup("evaluate")
-    state = torch.load(path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    try:
-        module.load_state_dict(state["state_dict"])
-    except (RuntimeError, KeyError) as exc:
-        raise ConfigError(key, str(path), f"checkpoint does not match the run's config ({str(exc).splitlines()[0]})") from exc
+    load_member_weights(module, 0, path / "checkpoints" / "last.ckpt", key)
     module.eval()
     return Run(path=path, cfg=cfg, results=results, datamodule=datamodule, module=module)
+
+
+def load_member_weights(module: torch.nn.Module, e: int, ckpt_path: Path, key: str = "run") -> None:
+    """Load a run's checkpoint (one member) into member e of a (stacked) module, with ``weights_only=True``."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    own = module.state_dict()
+    try:
+        for name, value in state.items():
+            target = own[name]
+            if target.dim() == 0:
+                continue  # no per-member content
+            if value.shape[1:] != target.shape[1:] or value.shape[0] != 1:
+                raise RuntimeError(f"{name} has shape {tuple(value.shape)}, the run's config gives {tuple(target.shape)}")
+            target[e].copy_(value[0])
+        missing = own.keys() - state.keys()
+        if missing:
+            raise KeyError(f"missing {sorted(missing)[0]}")
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError(key, str(ckpt_path.parent.parent), "checkpoint does not match the run's config "
+                          f"({str(exc).splitlines()[0]})") from exc

@@ -1,7 +1,8 @@
 """Observation likelihoods p(x | f(z)) with every normalising constant kept, and the MAPA kernel each implies.
 
 A likelihood knows three things: how to score an observation given the decoder's output
-(``log_prob``, in nats, summed over observation dimensions), how to sample it, and which
+(``log_prob``, in nats, summed over observation dimensions; ``log_prob_matrix`` scores every observation
+under every output at once, for quadrature), how to sample it, and which
 observation-space proximity MAPA uses for it (``metric`` and ``log_kernel``, spec §3).
 """
 
@@ -30,6 +31,16 @@ class Gaussian:
         d = x.shape[-1]
         sq = (x - mean).pow(2).sum(-1)
         return -0.5 * sq / self.sigma2 - 0.5 * d * math.log(2 * math.pi * self.sigma2)
+
+    def log_prob_matrix(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """``log_prob`` of every x (n, D) under every mean (m, D): (n, m), by one matrix product.
+
+        ||x - mu||^2 = ||x||^2 + ||mu||^2 - 2 x.mu: in float64 the cancellation near x = mu costs ~1e-16 of
+        ||x||^2 (1e-14 nats at sigma^2 = 0.01), and the (n, m, D) differences are never formed.
+        """
+        d = x.shape[-1]
+        sq = (x.pow(2).sum(-1)[:, None] + mean.pow(2).sum(-1)[None, :]).addmm_(x, mean.T, alpha=-2).clamp_min_(0)
+        return sq.mul_(-0.5 / self.sigma2).sub_(0.5 * d * math.log(2 * math.pi * self.sigma2))
 
     def sample(self, mean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
@@ -62,6 +73,10 @@ class Bernoulli:
     def log_prob(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """sum_d [x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)], numerically stable."""
         return (x * logits - F.softplus(logits)).sum(-1)
+
+    def log_prob_matrix(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``log_prob`` of every x (n, D) under every logit vector (m, D): (n, m), by one matrix product."""
+        return (x @ logits.T).sub_(F.softplus(logits).sum(-1)[None, :])
 
     def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)

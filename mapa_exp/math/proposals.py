@@ -6,6 +6,8 @@ log-probabilities. These functions work on such rows; they know nothing of files
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -24,41 +26,76 @@ def tail_log_proposal(log_q_sorted: torch.Tensor, K: int) -> torch.Tensor:
     return torch.log_softmax(log_q_sorted[..., K:], dim=-1)
 
 
-def tail_cdf(log_q_tail: torch.Tensor) -> torch.Tensor:
-    """The cumulative distribution of q~ along each row, in float64, its last column exactly 1: (R, T) -> (R, T).
+class AliasTable(NamedTuple):
+    """Walker's alias table of categorical rows (R, T): draw column c uniformly, keep it with probability
+    ``prob[r, c]``, else take ``alias[r, c]``; every draw costs O(1) whatever T."""
 
-    Computed once per proposal and shared by every draw (``positions_from_uniforms``); float64 keeps tail
-    entries with tiny but non-zero mass distinct.
+    prob: torch.Tensor  # (R, T) float64
+    alias: torch.Tensor  # (R, T) int64
+
+
+def alias_table(log_q: torch.Tensor) -> AliasTable:
+    """The alias table of the categorical rows exp(log_q) (R, T) (Vose's construction, all rows at once).
+
+    Built in float64, once per proposal (T - 1 steps over all rows): a column of tiny but non-zero mass keeps
+    it (to float64 precision), and a zero-mass column is never drawn.
     """
-    cdf = torch.softmax(log_q_tail.double(), dim=-1).cumsum_(-1)
-    cdf[..., -1] = 1.0
-    return cdf
+    R, T = log_q.shape
+    if T == 0:
+        return AliasTable(log_q.new_empty((R, 0), dtype=torch.float64), torch.empty((R, 0), dtype=torch.long))
+    scaled = torch.softmax(log_q.double(), dim=-1) * T  # mean 1 per column
+    order = torch.argsort(scaled, dim=1, stable=True)  # ascending
+    s = scaled.gather(1, order)  # (R, T) sorted
+    prob = torch.ones(R, T, dtype=torch.float64, device=log_q.device)
+    alias = torch.arange(T, device=log_q.device).expand(R, T).clone()  # in sorted positions
+    i = torch.zeros(R, dtype=torch.long, device=log_q.device)  # the next small column
+    j = torch.full((R,), T - 1, dtype=torch.long, device=log_q.device)  # the large column being spent
+    rem = s[:, -1].clone()  # what is left of column j
+    for _ in range(T - 1):  # each step completes one column of every row still going
+        going = i < j
+        small = going & (rem >= 1)  # column i is filled up from j
+        spent = going & ~small  # column j has fallen below 1: it is filled up from j - 1
+        s_i = s.gather(1, i[:, None])[:, 0]
+        s_next = s.gather(1, (j - 1).clamp_min(0)[:, None])[:, 0]
+        col = torch.where(small, i, j)
+        prob.scatter_(1, col[:, None], torch.where(going, torch.where(small, s_i, rem), prob.gather(1, col[:, None])[:, 0])[:, None])
+        alias.scatter_(1, col[:, None], torch.where(going, torch.where(small, j, j - 1), alias.gather(1, col[:, None])[:, 0])[:, None])
+        rem = torch.where(small, rem - (1 - s_i), torch.where(spent, s_next - (1 - rem), rem))
+        i, j = i + small.long(), j - spent.long()
+    prob.clamp_(0, 1)
+    # back from sorted positions to the rows' own columns
+    out_prob = torch.empty_like(prob).scatter_(1, order, prob)
+    out_alias = torch.empty_like(alias).scatter_(1, order, order.gather(1, alias))
+    return AliasTable(out_prob, out_alias)
 
 
-def positions_from_uniforms(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws: for uniforms u in (0, 1] (..., S) the first position whose cdf (..., T) reaches u.
-
-    A zero-mass entry (a flat step of the cdf) is never returned. Returns (..., S) int64.
-    """
-    return torch.searchsorted(cdf, u).clamp_max_(cdf.shape[-1] - 1)
+def alias_positions(table: AliasTable, rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draws from rows ``rows`` (...) of an alias table, given uniforms u in (0, 1] of shape (..., S, 2)
+    (column, then accept): returns positions (..., S) int64. Indexes the table, never copies its rows."""
+    T = table.prob.shape[-1]
+    col = ((1.0 - u[..., 0]) * T).long().clamp_(0, T - 1)  # (..., S)
+    flat = rows[..., None] * T + col
+    keep = u[..., 1] <= table.prob.view(-1)[flat]
+    return torch.where(keep, col, table.alias.view(-1)[flat])
 
 
 def uniforms(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """float64 uniforms in (0, 1] (never 0, so ``positions_from_uniforms`` never lands on a zero-mass entry)."""
+    """float64 uniforms in (0, 1] (never 0: a zero-mass column is then never accepted)."""
     return 1.0 - torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
 
 
 def sample_tail(
-    log_q_tail: torch.Tensor, S: int, generator: torch.Generator | None = None, cdf: torch.Tensor | None = None
+    log_q_tail: torch.Tensor, S: int, generator: torch.Generator | None = None, table: AliasTable | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw S positions per row iid from q~; returns positions (R, S) and their log q~ (R, S).
 
-    ``cdf`` (``tail_cdf(log_q_tail)``) may be given when it is already at hand.
+    ``table`` (``alias_table(log_q_tail)``) may be given when it is already at hand.
     """
     R = log_q_tail.shape[0]
     if S == 0:
         empty = torch.empty((R, 0), dtype=torch.long, device=log_q_tail.device)
         return empty, log_q_tail.new_empty((R, 0))
-    cdf = tail_cdf(log_q_tail) if cdf is None else cdf
-    pos = positions_from_uniforms(cdf, uniforms((R, S), generator, cdf.device))
+    table = alias_table(log_q_tail) if table is None else table
+    pos = alias_positions(table, torch.arange(R, device=log_q_tail.device), uniforms((R, S, 2), generator,
+                                                                                      log_q_tail.device))
     return pos, torch.gather(log_q_tail, 1, pos)

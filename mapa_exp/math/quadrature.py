@@ -161,23 +161,24 @@ def grid_log_likelihood(
     likelihood,
     grid: QuadratureGrid,
     chunk_size: int = 8192,
-    block_elements: int = 2**22,
+    block_elements: int = 2**18,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """logsumexp_j [log w_j + log p(x_n | decode(z_j))] for every row of x: (N, Dx) -> (N,).
 
     The decoder sees ``chunk_size`` nodes at a time; x is taken in chunks small enough that one
-    (x-chunk, node-chunk, Dx) block holds at most ``block_elements`` numbers.
+    (x-chunk, node-chunk) block of log-likelihoods (``likelihood.log_prob_matrix``) holds at most
+    ``block_elements`` numbers (2^18 float64: 2 MiB, one core's cache here; 2^22 was 2x slower).
     """
     x = x.to(grid.nodes.device)
     xd = x.to(dtype)
     acc = torch.full((x.shape[0],), -math.inf, dtype=dtype, device=x.device)  # (N,) running logsumexp
     for params, log_w in _decoded_chunks(grid, decode, chunk_size, x.dtype):
         params, log_w = params.to(dtype), log_w.to(dtype)  # (m, Dx), (m,)
-        n = max(1, block_elements // params.numel())
+        n = max(1, block_elements // params.shape[0])  # (n, m) log-likelihoods a block
         for s in range(0, x.shape[0], n):
-            ll = likelihood.log_prob(xd[s : s + n, None, :], params[None])  # (n, m)
-            acc[s : s + n] = torch.logaddexp(acc[s : s + n], torch.logsumexp(ll + log_w, -1))
+            ll = likelihood.log_prob_matrix(xd[s : s + n], params)  # (n, m)
+            acc[s : s + n] = torch.logaddexp(acc[s : s + n], torch.logsumexp(ll.add_(log_w), -1))
     return acc
 
 
@@ -200,7 +201,7 @@ def quadrature_log_likelihood(
     prior=None,
     rule: str | None = None,
     chunk_size: int = 8192,
-    block_elements: int = 2**22,
+    block_elements: int = 2**18,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """log p(x_n) = log ∫ p(x_n | decode(z)) p(z) dz per row of x (N, Dx) -> (N,), in ``dtype``.
@@ -247,7 +248,7 @@ def grid_log_posterior(
     """
     x = x.to(grid.nodes.device)
     params = decode(grid.nodes.to(x.dtype)).to(dtype)  # (M, Dx)
-    joint = likelihood.log_prob(x.to(dtype)[:, None, :], params[None]) + grid.log_weights.to(dtype)  # (N, M)
+    joint = likelihood.log_prob_matrix(x.to(dtype), params) + grid.log_weights.to(dtype)  # (N, M)
     return joint - torch.logsumexp(joint, -1, keepdim=True)
 
 
@@ -266,5 +267,5 @@ def posterior_log_density(
     ``log_px`` (N,) is the normaliser, e.g. from ``quadrature_log_likelihood`` (spec §8, black curve).
     """
     params = decode(z.to(x.dtype)).to(dtype)  # (M, Dx)
-    ll = likelihood.log_prob(x.to(dtype)[:, None, :], params[None])  # (N, M)
+    ll = likelihood.log_prob_matrix(x.to(dtype), params)  # (N, M)
     return ll + log_prior(z.to(dtype))[None, :] - log_px.to(dtype)[:, None]

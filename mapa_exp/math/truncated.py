@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from mapa_exp.math.proposals import positions_from_uniforms, tail_cdf, uniforms
+from mapa_exp.math.proposals import AliasTable, alias_positions, alias_table, uniforms
 
 
 def outside_from_uniforms(excluded: torch.Tensor, N: int, u: torch.Tensor) -> torch.Tensor:
@@ -72,20 +72,21 @@ def mixture_log_prob(
 
 
 def mixture_from_uniforms(
-    rows: torch.Tensor, cdf_tail: torch.Tensor, K: int, N: int, uniform_share: float,
-    u_pos: torch.Tensor, u_mix: torch.Tensor, u_out: torch.Tensor,
+    rows: torch.Tensor, table: AliasTable, table_rows: torch.Tensor, K: int, N: int, uniform_share: float,
+    u: torch.Tensor,
 ) -> torch.Tensor:
-    """Tail indices drawn from q_mix (module doc) given three sets of uniforms in (0, 1], each (R, S).
+    """Tail indices drawn from q_mix (module doc) given uniforms in (0, 1] ``u`` (R, S, 4).
 
-    rows: (R, M) candidates sorted by decreasing q (top K first); cdf_tail: (R, M - K) the cdf of q~ over
-    rows[:, K:] (``mapa_exp.math.proposals.tail_cdf``). u_mix picks the component (neighbours with
-    probability 1 - eps), u_pos the neighbour, u_out the uniform draw. Returns (R, S) int64.
+    rows: (R, M) candidates sorted by decreasing q (top K first); ``table``, ``table_rows`` (R,): the alias
+    table of q~ over each row's rows[:, K:] (``mapa_exp.math.proposals.alias_table``) and which of its rows is
+    each row's. u[..., 0:2] draw the neighbour, u[..., 2] picks the component (neighbours with probability
+    1 - eps), u[..., 3] the uniform draw. Returns (R, S) int64.
     """
     eps = float(uniform_share)
-    index = outside_from_uniforms(rows[:, :K], N, u_out)  # (R, S)
+    index = outside_from_uniforms(rows[:, :K], N, u[..., 3])  # (R, S)
     if eps < 1:
-        pos = positions_from_uniforms(cdf_tail, u_pos)
-        index = torch.where(u_mix > eps, rows[:, K:].gather(1, pos), index)
+        pos = alias_positions(table, table_rows, u[..., :2])
+        index = torch.where(u[..., 2] > eps, rows[:, K:].gather(1, pos), index)
     return index
 
 
@@ -105,6 +106,7 @@ def sample_tail_mixture(
     R = rows.shape[0]
     if S == 0:
         return rows.new_empty((R, 0)), log_q_tail.new_empty((R, 0))
-    u = [uniforms((R, S), generator, rows.device) for _ in range(3)]
-    index = mixture_from_uniforms(rows, tail_cdf(log_q_tail), K, N, uniform_share, *u)
+    u = uniforms((R, S, 4), generator, rows.device)
+    table = alias_table(log_q_tail) if uniform_share < 1 else None
+    index = mixture_from_uniforms(rows, table, torch.arange(R, device=rows.device), K, N, uniform_share, u)
     return index, mixture_log_prob(rows, log_q_tail, K, N, uniform_share, index)
