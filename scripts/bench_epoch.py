@@ -1,16 +1,22 @@
-"""Benchmark a training epoch of MAPA against IWAE at S in {1, 10, 100}: wall time and forward passes per point.
+"""Benchmark a training epoch of MAPA against IWAE at S in {1, 10, 100}: wall time and forward passes per point,
+and what ``train.py`` adds to the bare loop.
 
     python scripts/bench_epoch.py                  # Figure-8, N = 1000, batch 100; JSON + docs/benchmarks.md section
-    python scripts/bench_epoch.py --n-train 10000 --rounds 5
+    python scripts/bench_epoch.py --n-train 10000 --rounds 5 --no-train-py
     python scripts/bench_epoch.py --render-only    # rewrite the docs section from the JSON
 
 Both methods train on the same data (a Figure-8 draw), batch size, network (the 2 x 50 MLP) and
 optimizer, on one CPU thread as ``train.py`` does (``num_threads: 1``). IWAE uses the default
 estimator (DReG); MAPA uses K = max(1, ceil(0.1 S)) (spec §9), once with the dense proximity
-structure (the default) and once with a truncated one (``--neighbors-M``, 64). An epoch is everything a training epoch does except Lightning's bookkeeping: the data
-loader (for MAPA: drawing the tail samples), the forward pass, backward pass and optimizer step.
-The configurations run interleaved, one epoch each per round, so load from other processes hits
-them alike; each time is the median over the rounds, each ratio MAPA / IWAE at the same S.
+structure (the default) and once with a truncated one (``--neighbors-M``, 64). The *bare loop* is an
+epoch without anything of ``train.py`` around it: the batches (for MAPA: drawing the tail samples), the
+forward pass, backward pass and optimizer step of the module's own ``step``. The configurations run
+interleaved, one epoch each per round, so load from other processes hits them alike; each time is the
+median over the rounds, each ratio MAPA / IWAE at the same S.
+
+``train.py`` per step is a whole single run (Lightning, validation every 10 epochs, checkpoints, metrics
+files, final bounds): the slope of its ``wall_time_s`` between 10 and 40 epochs (start-up cancels), median
+of 3, divided by the steps; **overhead** = that / the bare loop's step (the goal: <= 1.5).
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
     from mapa_exp.data.proposals import KernelProposal
     from mapa_exp.methods.mapa import MAPA
     from mapa_exp.methods.vae import GaussianEncoderVAE
+    from mapa_exp.runs.training import CHUNK_ROWS_CPU
 
-    torch.manual_seed(0)
     common = dict(latent_dim=groundtruth.latent_dim, obs_dim=groundtruth.obs_dim, likelihood=groundtruth.likelihood,
-                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), chunk_rows=CHUNK_ROWS_CPU)
     if method.startswith("MAPA"):
         K = max(1, math.ceil(0.1 * S))
         proposal = KernelProposal(K, S)
@@ -46,48 +52,88 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
         K, proposal = None, None
         module = GaussianEncoderVAE(**common, S=S, objective="iwae", estimator="dreg")
     data = GroundTruthDataModule(groundtruth, proposal, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                 neighbors_M=neighbors_M)
+                                 neighbors_M=neighbors_M, noise_shape=module.noise_shape)
     data.setup("fit")
-    return {"method": method, "S": S, "K": K, "module": module, "optimizer": module.configure_optimizers(),
-            "loader": data.train_dataloader(), "times": [], "passes_encoder": 0, "passes_decoder": 0, "points": 0}
+    return {"method": method, "S": S, "K": K, "M": neighbors_M, "module": module,
+            "optimizer": module.configure_optimizers(), "data": data, "times": [], "passes_encoder": 0,
+            "passes_decoder": 0, "points": 0}
 
 
 def run_epoch(c: dict) -> None:
+    """One epoch of the bare loop: the module's own step, backward and optimizer step, nothing else."""
+    from mapa_exp.methods.base import flushed_denormals, take
+
     module, opt = c["module"], c["optimizer"]
     module.train()
     t0 = time.perf_counter()
-    for batch in c["loader"]:
-        opt.zero_grad(set_to_none=True)
-        out = module.step(batch)
-        (-out.surrogate.mean()).backward()
-        opt.step()
-        c["passes_encoder"] += out.passes_encoder
-        c["passes_decoder"] += out.passes_decoder
-        c["points"] += out.bound.shape[0]
+    with flushed_denormals():  # as the training loop does
+        for batch in c["data"].train_batches():
+            opt.zero_grad(set_to_none=True)
+            B = batch["x"].shape[1]
+            for m, pts in module.chunks(batch):
+                out = module.step(take(batch, m, pts), m)
+                (-out.surrogate.sum(1) / B).sum().backward()
+                c["passes_encoder"] += int(torch.as_tensor(out.passes_encoder).sum())
+                c["passes_decoder"] += int(torch.as_tensor(out.passes_decoder).sum())
+            c["points"] += B
+            opt.step()
     c["times"].append(time.perf_counter() - t0)
 
 
+def train_py_step_s(c: dict, args, repeats: int = 3, epochs: tuple[int, int] = (10, 40)) -> float:
+    """Seconds per training step of a whole ``train.py`` run of this configuration (module doc)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    method = "iwae" if c["method"] == "IWAE" else "mapa"
+    extra = [f"method.K={c['K']}"] if c["K"] is not None else []
+    if c["M"] is not None:
+        extra.append(f"data.neighbors_M={c['M']}")
+    slopes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            wall = []
+            for e in epochs:
+                run = Path(tmp) / f"{r}_{e}"
+                subprocess.run([sys.executable, "train.py", "dataset=figure8", f"method={method}", f"method.S={c['S']}",
+                                *extra, f"dataset.n_train={args.n_train}", f"data.batch_size={args.batch_size}",
+                                f"trainer.max_epochs={e}", "trainer.enable_progress_bar=false", "evaluate=false",
+                                f"hydra.run.dir={run}"], cwd=ROOT, check=True, capture_output=True,
+                               env={**os.environ, "MAPA_EXP_CACHE": args.cache_dir})
+                wall.append(json.loads((run / "results.json").read_text())["wall_time_s"])
+            slopes.append((wall[1] - wall[0]) / ((epochs[1] - epochs[0]) * c["data"].steps("train")))
+    return statistics.median(slopes)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    has_train = any(r.get("train_py_step_s") for r in rows)
     lines = [
         f"`python scripts/bench_epoch.py` ({meta['date']}, {meta['machine']}, torch {meta['torch']}, "
         f"{meta['threads']} thread as in training). Figure-8, N = {meta['n_train']:,} training points, batch "
         f"{meta['batch_size']}, the 2 x 50 MLP, Adam; IWAE with DReG, MAPA with K = max(1, ceil(0.1 S)) and the dense "
         f"structure (M = N) or a truncated one (M = {meta['neighbors_M']}). Epoch time = median of {meta['rounds']} interleaved rounds (data loading, forward, backward, "
         "step); passes = forward passes per training point per epoch (decoder; encoder + decoder); **ratio** = MAPA / "
-        "IWAE at the same S.",
+        "IWAE at the same S." + (" `train.py` step = a whole single run's time per step (slope between 10 and 40 "
+                                 "epochs: Lightning, validation every 10 epochs, checkpoints every 10, metrics files); "
+                                 "**overhead** = that / the bare loop's step." if has_train else ""),
         "",
-        "| S | method | K | epoch (ms) | ratio | decoder passes / point | ratio | encoder + decoder / point | ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| S | method | K | epoch (ms) | ratio | decoder passes / point | ratio | encoder + decoder / point | ratio |"
+        + (" bare step (ms) | `train.py` step (ms) | overhead |" if has_train else ""),
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if has_train else ""),
     ]
     for r in rows:
+        train = ""
+        if has_train:
+            bare = r["epoch_s"] / r["steps_per_epoch"]
+            train = f" {1000 * bare:.2f} | {1000 * r['train_py_step_s']:.2f} | {r['train_py_step_s'] / bare:.2f} |"
         lines.append(
             f"| {r['S']} | {r['method']} | {r['K'] if r['K'] is not None else ''} | {1000 * r['epoch_s']:.1f} | "
             f"{r['time_ratio']:.2f} | {r['decoder_per_point']:.2f} | {r['decoder_ratio']:.3f} | "
-            f"{r['enc_dec_per_point']:.2f} | {r['enc_dec_ratio']:.3f} |")
-    lines += ["", "MAPA's time beyond its forward passes is drawing the tail. With the dense structure that is a "
-              "float64 softmax over N - K candidates per point per batch (`torch.multinomial` at S = 1 takes a path "
-              "about 15x slower than at S >= 2, so `sample_tail` draws two iid columns and keeps one). The truncated "
-              "structure draws from M - K candidates and removes most of that cost."]
+            f"{r['enc_dec_per_point']:.2f} | {r['enc_dec_ratio']:.3f} |" + train)
+    lines += ["", "MAPA's time beyond its forward passes is the batch: its tail samples (O(1) each, from alias tables "
+              "built once per draw), the union of candidates and the gathers of their points."]
     return "\n".join(lines)
 
 
@@ -101,6 +147,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "epoch.json"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, run nothing")
+    ap.add_argument("--no-train-py", action="store_true", help="skip the whole train.py runs")
     args = ap.parse_args()
     if args.render_only:
         import json
@@ -133,6 +180,8 @@ def main() -> None:
     rows = []
     for c in configs:
         rows.append({"method": c["method"], "S": c["S"], "K": c["K"], "epoch_s": statistics.median(c["times"]),
+                     "steps_per_epoch": c["data"].steps("train"),
+                     "train_py_step_s": None if args.no_train_py else train_py_step_s(c, args),
                      "epoch_s_all": c["times"], "decoder_per_point": c["passes_decoder"] / c["points"],
                      "enc_dec_per_point": (c["passes_encoder"] + c["passes_decoder"]) / c["points"]})
     for r in rows:

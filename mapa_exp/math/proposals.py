@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -37,36 +38,39 @@ class AliasTable(NamedTuple):
 def alias_table(log_q: torch.Tensor) -> AliasTable:
     """The alias table of the categorical rows exp(log_q) (R, T) (Vose's construction, all rows at once).
 
-    Built in float64, once per proposal (T - 1 steps over all rows): a column of tiny but non-zero mass keeps
-    it (to float64 precision), and a zero-mass column is never drawn.
+    Built in float64 on the CPU, once per proposal (T - 1 steps over all rows; 1000 x 999 in about 0.15 s): a
+    column of tiny but non-zero mass keeps it (to float64 precision), and a zero-mass column is never drawn.
     """
     R, T = log_q.shape
     if T == 0:
         return AliasTable(log_q.new_empty((R, 0), dtype=torch.float64), torch.empty((R, 0), dtype=torch.long))
-    scaled = torch.softmax(log_q.double(), dim=-1) * T  # mean 1 per column
-    order = torch.argsort(scaled, dim=1, stable=True)  # ascending
-    s = scaled.gather(1, order)  # (R, T) sorted
-    prob = torch.ones(R, T, dtype=torch.float64, device=log_q.device)
-    alias = torch.arange(T, device=log_q.device).expand(R, T).clone()  # in sorted positions
-    i = torch.zeros(R, dtype=torch.long, device=log_q.device)  # the next small column
-    j = torch.full((R,), T - 1, dtype=torch.long, device=log_q.device)  # the large column being spent
-    rem = s[:, -1].clone()  # what is left of column j
+    scaled = (torch.softmax(log_q.double(), dim=-1) * T).cpu().numpy()  # mean 1 per column
+    order = np.argsort(scaled, axis=1, kind="stable")  # ascending
+    s = np.take_along_axis(scaled, order, 1)  # (R, T) sorted
+    prob = np.ones(R * T)  # flat: row r's column c at r * T + c
+    alias = np.tile(np.arange(T), R)  # in sorted positions
+    flat_s = s.reshape(-1)
+    base = np.arange(R) * T
+    i = base.copy()  # the next small column (flat)
+    j = base + T - 1  # the large column being spent (flat)
+    rem = s[:, -1].copy()  # what is left of column j
     for _ in range(T - 1):  # each step completes one column of every row still going
         going = i < j
         small = going & (rem >= 1)  # column i is filled up from j
         spent = going & ~small  # column j has fallen below 1: it is filled up from j - 1
-        s_i = s.gather(1, i[:, None])[:, 0]
-        s_next = s.gather(1, (j - 1).clamp_min(0)[:, None])[:, 0]
-        col = torch.where(small, i, j)
-        prob.scatter_(1, col[:, None], torch.where(going, torch.where(small, s_i, rem), prob.gather(1, col[:, None])[:, 0])[:, None])
-        alias.scatter_(1, col[:, None], torch.where(going, torch.where(small, j, j - 1), alias.gather(1, col[:, None])[:, 0])[:, None])
-        rem = torch.where(small, rem - (1 - s_i), torch.where(spent, s_next - (1 - rem), rem))
-        i, j = i + small.long(), j - spent.long()
-    prob.clamp_(0, 1)
+        s_i, s_next = flat_s[i], flat_s[np.maximum(j - 1, base)]
+        col = np.where(small, i, j)[going]
+        prob[col] = np.where(small, s_i, rem)[going]
+        alias[col] = (np.where(small, j, j - 1) - base)[going]
+        rem = np.where(small, rem - (1 - s_i), np.where(spent, s_next - (1 - rem), rem))
+        i, j = i + small, j - spent
+    prob, alias = prob.reshape(R, T), alias.reshape(R, T)
+    np.clip(prob, 0, 1, out=prob)
     # back from sorted positions to the rows' own columns
-    out_prob = torch.empty_like(prob).scatter_(1, order, prob)
-    out_alias = torch.empty_like(alias).scatter_(1, order, order.gather(1, alias))
-    return AliasTable(out_prob, out_alias)
+    out_prob, out_alias = np.empty_like(prob), np.empty_like(alias)
+    np.put_along_axis(out_prob, order, prob, 1)
+    np.put_along_axis(out_alias, order, np.take_along_axis(order, alias, 1), 1)
+    return AliasTable(torch.from_numpy(out_prob).to(log_q.device), torch.from_numpy(out_alias).to(log_q.device))
 
 
 def alias_positions(table: AliasTable, rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Lightning callbacks of a training job: preemption, and each member's metrics into its own loggers.
 
+* ``StackCheckpoint`` -- ``checkpoints/last.ckpt`` of the job (all its members), written atomically every
+  ``every_n_epochs`` epochs, at the last epoch, and whenever training is about to stop early (a signal, every
+  member failed): a rerun resumes exactly from any of them.
 * ``StopOnSignal`` -- on SIGTERM or SIGUSR2 (how SLURM preempts) finish the current epoch, let the
   epoch-end checkpoint be written, and stop; ``run_job`` then reports ``status: preempted`` for every
   unfinished member and a rerun of the same command in the same folder resumes exactly.
@@ -14,10 +17,37 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 
 log = logging.getLogger(__name__)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+class StackCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs, at the last epoch, and before an early stop.
+
+    Resuming is exact from any epoch's end (the members' random streams are in the checkpoint), so the
+    frequency only bounds the work a SIGKILL can lose; writing one costs about 5 ms, which at every epoch was
+    a third of a small run's time. As a ``Checkpoint`` it runs after every other callback, so it sees the
+    stop that ``StopOnSignal`` decided in the same epoch-end hook.
+    """
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 10):
+        if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
+            from mapa_exp.errors import ConfigError
+
+            raise ConfigError("callbacks.checkpoint.every_n_epochs", every_n_epochs, "must be an integer >= 1")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        done = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and trainer.max_epochs >= 0 and done >= trainer.max_epochs
+        if last or trainer.should_stop or done % self.every_n_epochs == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(self.path)  # Lightning writes it to a temporary name and renames it
 
 
 # -- preemption ---------------------------------------------------------------------------------
@@ -47,7 +77,7 @@ class StopOnSignal(Callback):
                 return
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # runs before ModelCheckpoint's hook (checkpoint callbacks run last), which then saves this epoch
+        # runs before StackCheckpoint's hook (checkpoint callbacks run last), which then saves this epoch
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             trainer.should_stop = True
 

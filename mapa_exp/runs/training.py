@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import signal
 import time
 import warnings
@@ -220,8 +221,9 @@ def _finish(results: dict, todo: list[Member], loggers: list[list], stack_dir: P
                 lg.finalize(results[m.index]["status"])
             except Exception as exc:  # noqa: BLE001 -- never mask the run's own outcome
                 log.warning("closing a logger of %s failed: %s", m.run_dir, exc)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     for m in todo:
-        results[m.index]["wall_time_s"] = wall
+        results[m.index].update(wall_time_s=wall, peak_rss_mib=peak)
         atomic_write_json(m.run_dir / "results.json", results[m.index])
     log.info("results: %s", ", ".join(str(m.run_dir / "results.json") for m in todo))
     if stack_dir is not None:

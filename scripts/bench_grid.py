@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""The paper grid's cost, one job per run against stacked jobs: a fixed slice of ``experiment=paper_density``
+timed both ways in one run, and each way's projection to the full grid at 1,000 epochs.
+
+    python scripts/bench_grid.py                        # figure8 x 5 methods x 7 S x R = D = 5, 2 and 12 epochs
+    python scripts/bench_grid.py --dataset circle --epochs 2 22
+    python scripts/bench_grid.py --render-only          # rewrite the docs section from the JSON
+
+The slice is one data set x the 5 methods x all 7 values of S x R restarts x D draws (875 runs by default),
+evaluated by quadrature as the experiment is. Each way is a real sweep of ``train.py`` through Hydra's joblib
+launcher with ``--workers`` worker processes (the best local launcher), timed from the command's start to its
+exit, start-up included:
+
+* ``per_job``  -- the 875 runs as 875 jobs;
+* ``stacked``  -- ``stack=true``: the 35 configurations as 35 jobs of R x D members each.
+
+Each way runs at two epoch counts e1 < e2 (validation every 10 epochs, as in the experiment), interleaved:
+per_job(e1), stacked(e1), per_job(e2), stacked(e2). The wall time is linear in the epochs, W(e) = fixed + e x
+per_epoch, so per_epoch = (W(e2) - W(e1)) / (e2 - e1) holds the average epoch of a 1,000-epoch run (a tenth of
+a validation pass included when e2 - e1 is a multiple of 10) and fixed = W(e1) - e1 x per_epoch holds
+everything paid once per job (start-up, data, evaluation). The full grid is the data sets x the slice:
+full_grid_hours = datasets x (fixed + 1000 x per_epoch) / 3600, and ``ratio`` = per_job / stacked.
+
+Where the time goes: each run's (member's) training and evaluation seconds from its result files, by method
+and S, per epoch and per run. Writes docs/benchmarks/grid.json and the "Paper grid" section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mapa_exp.benchmarking import write_markdown_section  # noqa: E402
+
+METHODS = ("vae", "iwae", "mapa", "mapa_gt", "mapa_naive")
+S_GRID = (1, 2, 5, 10, 20, 50, 100)
+GRID_DATASETS, GRID_EPOCHS = 5, 1000  # experiment=paper_density
+HEADING = "Paper grid: one job per run vs stacked"
+
+
+def sweep(path: str, epochs: int, args, out: Path) -> dict:
+    """One timed sweep of the slice; returns its wall time, peak memory and per-run costs."""
+    cmd = [sys.executable, "train.py", "-m", "experiment=paper_density", f"dataset={args.dataset}",
+           f"seed=range({args.restarts})", f"dataset.draw=range({args.draws})", f"trainer.max_epochs={epochs}",
+           "trainer.check_val_every_n_epoch=10", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.workers}",
+           f"stack={path == 'stacked'}", f"hydra.sweep.dir={out}"]
+    env = {**os.environ, "MAPA_EXP_CACHE": args.cache_dir, "PYTHONHASHSEED": "0"}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{path} sweep at {epochs} epochs failed:\n{p.stderr[-3000:]}")
+    runs = []
+    for res_file in sorted(out.glob("*/results.json")):
+        res = json.loads(res_file.read_text())
+        ev = json.loads((res_file.parent / "eval.json").read_text())
+        assert res["status"] == "completed" and ev["status"] == "completed", res_file
+        runs.append({"method": res["method"], "S": res["S"], "train_s": res["wall_time_s"],
+                     "eval_s": ev["wall_time_s"], "stack_size": res.get("stack_size", 1),
+                     "peak_rss_mib": res.get("peak_rss_mib")})
+    print(f"{path:8s} {epochs:3d} epochs: {wall:8.1f} s, {len(runs)} runs", flush=True)
+    return {"path": path, "epochs": epochs, "wall_s": wall, "runs": runs}
+
+
+def cost_table(measured: list[dict], e1: int, e2: int) -> list[dict]:
+    """Per (path, method, S): training seconds per member-epoch and per run, and evaluation seconds per run.
+
+    A stack's training time is shared by its members: a member's share is the stack's time / its size."""
+    acc = defaultdict(lambda: defaultdict(float))
+    for m in measured:
+        for r in m["runs"]:
+            key = (m["path"], r["method"], r["S"])
+            acc[key][f"train_{m['epochs']}"] += r["train_s"] / r["stack_size"]
+            acc[key]["eval"] += r["eval_s"] / 2  # measured at both epoch counts
+            acc[key]["n"] += 0.5
+    rows = []
+    for (path, method, S), a in sorted(acc.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]), kv[0][2])):
+        n = a["n"]
+        per_epoch = (a[f"train_{e2}"] - a[f"train_{e1}"]) / (e2 - e1) / n
+        rows.append({"path": path, "method": method, "S": S, "train_s_per_member_epoch": per_epoch,
+                     "train_fixed_s_per_run": a[f"train_{e1}"] / n - e1 * per_epoch, "eval_s_per_run": a["eval"] / n})
+    return rows
+
+
+def project(measured: list[dict], e1: int, e2: int) -> dict:
+    out = {}
+    for path in ("per_job", "stacked"):
+        w = {m["epochs"]: m["wall_s"] for m in measured if m["path"] == path}
+        per_epoch = (w[e2] - w[e1]) / (e2 - e1)
+        fixed = w[e1] - e1 * per_epoch
+        out[path] = {"wall_s": {str(e): v for e, v in w.items()}, "per_epoch_s": per_epoch, "fixed_s": fixed,
+                     "full_grid_hours": GRID_DATASETS * (fixed + GRID_EPOCHS * per_epoch) / 3600}
+    return out
+
+
+def markdown(data: dict) -> str:
+    meta, proj = data["meta"], data["projection"]
+    lines = [
+        f"`python scripts/bench_grid.py` ({meta['date']}, {meta['machine']}, torch {meta['torch']}): the slice "
+        f"`experiment=paper_density dataset={meta['dataset']}` = 5 methods x S in {{{', '.join(map(str, S_GRID))}}} x "
+        f"R = {meta['restarts']} x D = {meta['draws']} = {meta['runs']} runs, evaluated by quadrature, through Hydra's "
+        f"joblib launcher with {meta['workers']} workers, timed from the command's start to its exit, at "
+        f"{meta['epochs'][0]} and {meta['epochs'][1]} epochs (validation every 10). Per epoch = the slope between "
+        f"the two; fixed = the rest (start-up, data, evaluation). Full grid = {GRID_DATASETS} data sets x (fixed + "
+        f"{GRID_EPOCHS} x per epoch). The largest stack: {meta['largest_stack']} members; peak memory of a job: "
+        f"{meta['peak_rss_mib']['per_job']:.0f} MiB (one run), {meta['peak_rss_mib']['stacked']:.0f} MiB (a stack).",
+        "",
+        "| way | jobs | wall at e1 (s) | wall at e2 (s) | per epoch (s) | fixed (s) | full grid (hours) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    e1, e2 = meta["epochs"]
+    for path in ("per_job", "stacked"):
+        p = proj[path]
+        jobs = meta["runs"] if path == "per_job" else meta["runs"] // meta["largest_stack"]
+        lines.append(f"| {path} | {jobs} | {p['wall_s'][str(e1)]:.1f} | {p['wall_s'][str(e2)]:.1f} | "
+                     f"{p['per_epoch_s']:.2f} | {p['fixed_s']:.1f} | {p['full_grid_hours']:.1f} |")
+    lines += ["", f"**ratio** per_job / stacked = **{data['ratio']:.2f}** (goals on this machine: ratio >= 6, "
+              f"stacked <= 12 hours).", "",
+              "Where the time goes, per configuration: training seconds per member per epoch (a stack's time split over "
+              "its members), and the evaluation per run; **x** = per_job / stacked.", "",
+              "| method | S | per_job (ms / epoch) | stacked (ms / member-epoch) | x | eval per run (s) | share of stacked |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    costs = {(r["path"], r["method"], r["S"]): r for r in data["costs"]}
+    total = sum(r["train_s_per_member_epoch"] for r in data["costs"] if r["path"] == "stacked")
+    for method in METHODS:
+        for S in S_GRID:
+            a, b = costs.get(("per_job", method, S)), costs.get(("stacked", method, S))
+            if a is None or b is None:
+                continue
+            x = a["train_s_per_member_epoch"] / b["train_s_per_member_epoch"]
+            lines.append(f"| {method} | {S} | {1000 * a['train_s_per_member_epoch']:.1f} | "
+                         f"{1000 * b['train_s_per_member_epoch']:.1f} | {x:.1f} | {b['eval_s_per_run']:.2f} | "
+                         f"{b['train_s_per_member_epoch'] / total:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="figure8")
+    ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--epochs", type=int, nargs=2, default=(2, 12))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cache-dir", default=os.environ.get("MAPA_EXP_CACHE", str(ROOT / "outputs" / ".cache")))
+    ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "grid.json"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--keep", help="keep the sweep folders under this folder (default: a temporary one, removed)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, run nothing")
+    args = ap.parse_args()
+    if args.render_only:
+        write_markdown_section(args.docs, HEADING, markdown(json.loads(Path(args.json).read_text())))
+        return
+    import torch
+
+    from mapa_exp.io import atomic_write_json
+
+    e1, e2 = sorted(args.epochs)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_grid_"))
+    try:
+        # warm-up: the ground truth's surrogate and every draw's proximity structure, cached before timing
+        sweep("stacked", 1, argparse.Namespace(**{**vars(args), "restarts": 1}), work / "warmup")
+        measured = [sweep(path, e, args, work / f"{path}_{e}") for e in (e1, e2) for path in ("per_job", "stacked")]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    proj = project(measured, e1, e2)
+    peak = {path: max(r["peak_rss_mib"] or 0 for m in measured if m["path"] == path for r in m["runs"])
+            for path in ("per_job", "stacked")}
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "dataset": args.dataset, "restarts": args.restarts, "draws": args.draws,
+            "runs": len(METHODS) * len(S_GRID) * args.restarts * args.draws, "epochs": [e1, e2],
+            "workers": args.workers, "largest_stack": args.restarts * args.draws, "peak_rss_mib": peak,
+            "bench_process_children_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    data = {"meta": meta, "projection": proj,
+            "full_grid_hours": {k: v["full_grid_hours"] for k, v in proj.items()},
+            "ratio": proj["per_job"]["full_grid_hours"] / proj["stacked"]["full_grid_hours"],
+            "costs": cost_table(measured, e1, e2)}
+    atomic_write_json(args.json, data)
+    write_markdown_section(args.docs, HEADING, markdown(data))
+    print(json.dumps(data["full_grid_hours"]), f"ratio {data['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
