@@ -23,7 +23,8 @@ def main(cfg: DictConfig) -> None:
             for k, v in sorted(out["metrics"].items()):
                 print(f"{k:32s} {v: .5f}")
         else:
-            counts = evaluate_sweep(cfg.sweep, build_estimators(cfg), dict(cfg.prior_recovery), cfg.paths.cache_dir)
+            counts = evaluate_sweep(cfg.sweep, build_estimators(cfg), dict(cfg.prior_recovery), cfg.paths.cache_dir,
+                                    cfg.eval_checkpoint)
             print(", ".join(f"{v} {k}" for k, v in counts.items()))
             if counts["failed"]:
                 sys.exit(1)

@@ -38,7 +38,7 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """E independent MLPs in_dim -> hidden... -> out_dim (spec §11: 2 x 50, LeakyReLU); see the module doc."""
+    """E independent MLPs in_dim -> hidden... -> out_dim (method.md §11: 2 x 50, LeakyReLU); see the module doc."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (50, 50), activation: str = "leaky_relu",
                  members: int | None = None):

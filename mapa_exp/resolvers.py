@@ -1,6 +1,6 @@
 """OmegaConf resolvers the configs use; registered when ``mapa_exp`` is imported (before any compose).
 
-* ``${mapa_k:S,fraction,default}`` -- MAPA's top-K size from the tail size (spec §9):
+* ``${mapa_k:S,fraction,default}`` -- MAPA's top-K size from the tail size (method.md §9):
   ``K = max(1, ceil(fraction * S))``, or ``default`` when ``fraction`` is null. ``fraction = 0`` gives K = 1.
 * ``${mapa_concat:a,b,...}`` -- the lists (or single values) concatenated, e.g. W&B tags.
 * ``${mapa_cwd:}`` -- the folder the command was started in: Hydra's ``runtime.cwd`` in a job, the process's
@@ -24,7 +24,7 @@ from mapa_exp.errors import check
 
 
 def mapa_k(S, fraction, default=None) -> int:
-    """K = max(1, ceil(fraction * S)) (spec §9), or ``default`` when ``fraction`` is None."""
+    """K = max(1, ceil(fraction * S)) (method.md §9), or ``default`` when ``fraction`` is None."""
     if fraction is None:
         return default
     check(isinstance(fraction, (int, float)) and 0 <= fraction <= 1, "method.K_fraction", fraction,

@@ -7,7 +7,7 @@ and what ``train.py`` adds to the bare loop.
 
 Both methods train on the same data (a Figure-8 draw), batch size, network (the 2 x 50 MLP) and
 optimizer, on one CPU thread as ``train.py`` does (``num_threads: 1``). IWAE uses the default
-estimator (DReG); MAPA uses K = max(1, ceil(0.1 S)) (spec §9), once with the dense proximity
+estimator (DReG); MAPA uses K = max(1, ceil(0.1 S)) (method.md §9), once with the dense proximity
 structure (the default) and once with a truncated one (``--neighbors-M``, 64). The *bare loop* is an
 epoch without anything of ``train.py`` around it: the batches (for MAPA: drawing the tail samples), the
 forward pass, backward pass and optimizer step of the module's own ``step``. The configurations run

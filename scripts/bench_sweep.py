@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Sweep throughput: runs per hour of a sweep of many tiny runs, with and without training the restarts and
-draws of a configuration together in one process; writes the "Sweep throughput" section of docs/benchmarks.md.
+"""Sweep throughput: runs per hour of a sweep of many tiny runs, by launcher, one job per run or stacked (a
+configuration's restarts and draws trained as one model); writes the "Sweep throughput" section of
+docs/benchmarks.md. (The paper grid's cost at scale: scripts/bench_grid.py.)
 
-    python scripts/bench_sweep.py                              # paper_density_smoke (20 runs), every launcher
-    python scripts/bench_sweep.py --experiment paper_passes_smoke --variants slurm_1,slurm_together
+    python scripts/bench_sweep.py                              # paper_density_smoke (20 runs), every variant
+    python scripts/bench_sweep.py --experiment paper_passes_smoke --variants slurm_1,slurm_stacked
 
 Variants (each runs the whole sweep once, one after the other, from a warm data cache):
   * ``slurm_1``        -- SLURM, one run per array task: a Python start-up per run (submitit's default);
-  * ``slurm_together`` -- SLURM, ``hydra.launcher.jobs_per_task = R x D``: a configuration's restarts and
-                          draws in one task (mapa_exp.sweeps.launchers);
+  * ``slurm_stacked``  -- SLURM, ``stack=true``: a configuration's restarts and draws as one stacked job, one
+                          array task each (mapa_exp.sweeps.stacking);
   * ``process_per_run`` -- one ``python train.py`` process per run, one after the other (a shell loop);
   * ``basic``          -- Hydra's basic launcher: every run in this one process, one after the other;
-  * ``joblib``         -- Hydra's joblib launcher: worker processes (one per core) that are reused.
+  * ``joblib``         -- Hydra's joblib launcher: worker processes (one per core) that are reused;
+  * ``joblib_stacked`` -- the same with ``stack=true``.
 The SLURM variants need the cluster of scripts/slurm_cluster.sh (skipped, and said so, without one).
 """
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mapa_exp.benchmarking import write_markdown_section  # noqa: E402
 
-VARIANTS = ("slurm_1", "slurm_together", "process_per_run", "basic", "joblib")
+VARIANTS = ("slurm_1", "slurm_stacked", "process_per_run", "basic", "joblib", "joblib_stacked")
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=null", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=1", "hydra.launcher.gpus_per_node=null", "hydra.launcher.setup=[]"]
 
@@ -78,10 +80,12 @@ def run_variant(variant: str, experiment: str, extra: list[str], jobs: list[list
     base = [sys.executable, "train.py"]
     commands = {
         "slurm_1": [[*base, "-m", f"experiment={experiment}", *extra, *SLURM, f"hydra.sweep.dir={sweep}"]],
-        "slurm_together": [[*base, "-m", f"experiment={experiment}", *extra, *SLURM,
-                            f"hydra.launcher.jobs_per_task={together}", f"hydra.sweep.dir={sweep}"]],
+        "slurm_stacked": [[*base, "-m", f"experiment={experiment}", *extra, *SLURM, "stack=true",
+                           f"hydra.sweep.dir={sweep}"]],
         "basic": [[*base, "-m", f"experiment={experiment}", *extra, f"hydra.sweep.dir={sweep}"]],
         "joblib": [[*base, "-m", f"experiment={experiment}", *extra, "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}"]],
+        "joblib_stacked": [[*base, "-m", f"experiment={experiment}", *extra, "hydra/launcher=joblib", "stack=true",
+                            f"hydra.sweep.dir={sweep}"]],
         "process_per_run": [[*base, f"experiment={experiment}", *extra, *job, f"hydra.run.dir={sweep}/{i}"]
                             for i, job in enumerate(jobs)],
     }[variant]
@@ -95,17 +99,18 @@ def run_variant(variant: str, experiment: str, extra: list[str], jobs: list[list
     done = [r for r in results if r.get("status") == "completed"]
     if len(done) != len(jobs):
         raise RuntimeError(f"{variant}: {len(done)} of {len(jobs)} runs completed")
-    train = sum(r["wall_time_s"] for r in done)
+    train = sum(r["wall_time_s"] / r.get("stack_size", 1) for r in done)  # a stack's time is its members' together
     return {"variant": variant, "runs": len(done), "wall_s": wall, "runs_per_hour": 3600 * len(done) / wall,
             "train_s": train}
 
 
 DESCRIPTION = {
     "slurm_1": "SLURM, one run per array task (a Python start-up per run)",
-    "slurm_together": "SLURM, `jobs_per_task={together}`: each configuration's R x D runs in one task",
+    "slurm_stacked": "SLURM, `stack=true`: each configuration's R x D = {together} runs as one stacked task",
     "process_per_run": "one `python train.py` process per run, one after the other",
     "basic": "Hydra's basic launcher: all runs in one process",
     "joblib": "Hydra's joblib launcher: {cores} reused worker processes",
+    "joblib_stacked": "Hydra's joblib launcher, `stack=true`: {cores} workers, one stacked job per configuration",
 }
 
 
@@ -123,15 +128,17 @@ def markdown(rows: list[dict], skipped: dict, experiment: str, extra: list[str],
     ]
     for r in rows:
         desc = DESCRIPTION[r["variant"]].format(together=together, cores=cores)
-        overhead = 1 - r["train_s"] / r["wall_s"] if r["variant"] != "joblib" else float("nan")
+        overhead = 1 - r["train_s"] / r["wall_s"] if not r["variant"].startswith("joblib") else float("nan")
         lines.append(f"| {desc} | {r['runs']} | {r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {r['train_s']:.1f} | "
                      + (f"{100 * overhead:.0f}% |" if overhead == overhead else "(parallel) |"))
     by = {r["variant"]: r for r in rows}
-    if "slurm_1" in by and "slurm_together" in by:
-        lines += ["", f"Training the restarts and draws of a configuration together in one SLURM task gives "
-                      f"{by['slurm_together']['runs_per_hour'] / by['slurm_1']['runs_per_hour']:.1f}x the runs per hour "
-                      "of one task per run, with the same run folders and the same numbers (each run is the same "
-                      "Hydra job with the same seed; only the process is shared)."]
+    if "slurm_1" in by and "slurm_stacked" in by:
+        lines += ["", f"Stacking a configuration's restarts and draws into one SLURM task gives "
+                      f"{by['slurm_stacked']['runs_per_hour'] / by['slurm_1']['runs_per_hour']:.1f}x the runs per hour "
+                      "of one task per run, with the same run folders and the same numbers."]
+    if "joblib" in by and "joblib_stacked" in by:
+        lines += ["", f"Locally with joblib, stacking gives "
+                      f"{by['joblib_stacked']['runs_per_hour'] / by['joblib']['runs_per_hour']:.1f}x the runs per hour."]
     if "process_per_run" in by and "basic" in by:
         lines += ["", f"Locally, one process for the whole sweep (Hydra's basic launcher) gives "
                       f"{by['basic']['runs_per_hour'] / by['process_per_run']['runs_per_hour']:.1f}x the runs per hour "

@@ -1,4 +1,4 @@
-"""Non-identifiability figure (spec §8, paper Sec 6.4): `python scripts/nonidentifiability.py dataset=circle`.
+"""Non-identifiability figure (method.md §8, paper Sec 6.4): `python scripts/nonidentifiability.py dataset=circle`.
 
 Variant 1 is the ground truth (its decoder, its codes); variant 2 a trained VAE on the same data
 (its decoder, its encoder means as codes): the same p(x), different decoders. For each variant the

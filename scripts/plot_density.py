@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Figure 2a / D.1: test KL of each method per data set against S, mean ± standard error over the data
-draws, the best restart of each configuration chosen by validation log-likelihood (mapa_exp.sweeps.results).
+draws; per configuration and draw the restart, and per S the MAPA family's K fraction, chosen by validation
+log-likelihood (mapa_exp.sweeps.results.choose_on_validation).
 
     python scripts/plot_density.py TABLE.parquet [-o docs/figures/density.png] [--metric test_kl/quadrature]
 
@@ -21,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from mapa_exp.sweeps.plots import legend_right, save
-from mapa_exp.sweeps.results import best_restarts, mean_se_over_draws, read_table, series_label  # noqa: E402
+from mapa_exp.sweeps.results import choose_on_validation, mean_se_over_draws, read_table, selection_metric  # noqa: E402
 
 KL_METRICS = ("test_kl/quadrature", "test_kl/mog_iwae")
 METHOD_ORDER = ["vae", "iwae", "mapa", "mapa_gt", "mapa_naive"]
@@ -34,13 +35,14 @@ def kl_metric(table) -> str | None:
 
 
 def density_summary(table, metric: str | None = None, select_by: str | None = None):
-    """mean, se, n of the test KL over draws per (dataset, method, K rule, S), best restarts only."""
+    """mean, se, n of the test KL over draws per (dataset, method, S), the runs chosen on validation data; the
+    chosen K fraction of the MAPA family in column ``K_fraction``."""
     metric = metric or kl_metric(table)
     if metric is None:
         raise KeyError(f"the table has no test KL ({' or '.join(KL_METRICS)}): run the evaluation stage first")
-    best = best_restarts(table, select_by)
-    best["label"] = series_label(best)
-    agg = mean_se_over_draws(best, metric, by=["dataset", "method", "label", "K_fraction", "S"])
+    chosen = choose_on_validation(table, select_by or selection_metric(table))
+    chosen["label"] = chosen["method"]
+    agg = mean_se_over_draws(chosen, metric, by=["dataset", "method", "label", "K_fraction", "S"])
     return agg, metric
 
 
@@ -75,7 +77,7 @@ def draw(table, out: Path, metric: str | None = None, select_by: str | None = No
         ax.set_ylabel(f"test KL (nats) [{metric.split('/')[1]}]")
     for ax in axes.flat[len(datasets):]:
         ax.axis("off")
-    fig.suptitle("Test KL(p_GT || p_model): mean ± s.e. over draws, best restart by validation log-likelihood")
+    fig.suptitle("Test KL(p_GT || p_model): mean ± s.e. over draws; restart and K fraction chosen by validation log-likelihood")
     legend_right(fig, axes)
     save(fig, out)
     return out

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Figure 2b / D.2: forward passes per data point per gradient step against S, IWAE and MAPA (each K rule),
-in both accountings of spec §5 -- decoder-dominated (MAPA |U|/B vs IWAE S) and encoder ≈ decoder
+in both accountings of method.md §5 -- decoder-dominated (MAPA |U|/B vs IWAE S) and encoder ≈ decoder
 (MAPA 2|U|/B vs IWAE 1+S) -- with the "MAPA Max" line: MAPA never needs more than the N training points
 per batch of B (N/B per point, 2N/B in the second accounting).
 

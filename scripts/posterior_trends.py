@@ -1,4 +1,4 @@
-"""Posterior-trend figure (spec §8, paper Sec 6.3): `python scripts/posterior_trends.py dataset=figure8`.
+"""Posterior-trend figure (method.md §8, paper Sec 6.3): `python scripts/posterior_trends.py dataset=figure8`.
 
 Writes <out_dir>/posterior_trends_<dataset>.csv (tidy), .png (drawn from that table) and .json (slope).
 """

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Write docs/REPORT.md from tidy tables: runs and failures, test KL per data set and method (mean ± s.e.
-over draws, best restart by validation log-likelihood), training bounds, forward passes, figures, and the
-paper's claims (spec §12) checked against these numbers.
+"""Write the reproduction report from tidy tables: scale, selection rules, runs, test KL per data set and
+method, the paper's claims (method.md §12) judged by paired comparisons across draws, the two evaluators'
+agreement, the bandwidth experiment, forward passes, and what differs from the paper's setting.
 
-    python scripts/report.py TABLE.parquet [TABLE ...] [-o docs/REPORT.md] [--figures docs/figures]
+    python scripts/report.py TABLE.parquet [TABLE ...] [-o REPORT.md] [--figures FOLDER]
 
-Reads only tidy tables (scripts/collect.py); the figures are drawn by scripts/plot_density.py and
-scripts/plot_passes.py into --figures and linked relative to the report.
+Reads only tidy tables (scripts/collect.py). Every choice it shows -- the restart, the MAPA family's K
+fraction, a method's S -- is made on validation data (mapa_exp.sweeps.results); test data give only the
+reported numbers. The output is a function of the tables alone (apart from its date line), so the committed
+report is reproduced from the committed tables by ``python scripts/report.py docs/results/*.parquet -o X``.
+Without ``-o`` it writes ``REPORT.md`` beside the first table; the figures go to ``--figures`` (default: a
+``figures`` folder beside the report) and are linked relative to it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,15 @@ import plot_density  # noqa: E402
 import plot_passes  # noqa: E402
 
 from mapa_exp.io import atomic_write_text  # noqa: E402
-from mapa_exp.sweeps.results import best_restarts, mean_se_over_draws, read_table, selection_metric, series_label, wide  # noqa: E402
+from mapa_exp.sweeps.results import (  # noqa: E402
+    best_restarts, choose_on_validation, choose_s, mean_se_over_draws, read_table, selection_metric, series_label,
+    wide,
+)
+from mapa_exp.sweeps.statistics import Paired, directional, equivalent, paired_difference  # noqa: E402
 
 METHODS = ["vae", "iwae", "mapa", "mapa_gt", "mapa_naive"]
+EQUIVALENCE_MARGIN = 0.01  # nats: "MAPA ≈ MAPA-GT" means their test KLs differ by less than this
+DATE_PREFIX = "Generated "
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -44,7 +54,8 @@ def md_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join("" if (v is None or v is pd.NA) else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join("" if (v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)))
+                                        else str(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -53,173 +64,326 @@ def method_key(label: str):
     return (METHODS.index(first) if first in METHODS else len(METHODS), label)
 
 
-def pivot_mean_se(agg: pd.DataFrame, index: str, columns: str, digits: int = 3) -> pd.DataFrame:
-    """A markdown-ready pivot of ``mean ± se (n)`` cells."""
-    agg = agg.copy()
-    agg["cell"] = [fmt(m, s, digits) + (f" ({n})" if n > 1 else "") for m, s, n in zip(agg["mean"], agg["se"], agg["n"])]
-    p = agg.pivot_table(index=index, columns=columns, values="cell", aggfunc="first")
-    p = p.reindex(sorted(p.index, key=method_key))
-    p.columns = [f"{columns}={c}" for c in p.columns]
-    return p.reset_index().fillna("–")
+def ints(values) -> str:
+    return ", ".join(str(int(v)) for v in sorted({int(v) for v in values if pd.notna(v)})) or "?"
+
+
+def experiment_rows(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """The rows of the experiments whose name starts with ``prefix``."""
+    return table[table["experiment"].fillna("").str.startswith(prefix)]
 
 
 # -- sections ----------------------------------------------------------------------------------
+def header(table: pd.DataFrame, tables: list[Path]) -> str:
+    experiments = sorted(table["experiment"].dropna().unique())
+    return "\n".join([
+        "# mapa-exp: reproduction report", "",
+        f"{DATE_PREFIX}{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `scripts/report.py` from "
+        f"{', '.join(f'`{Path(t).name}`' for t in tables)}.", "",
+        f"Experiments: {', '.join(experiments) or '(not recorded)'}; runs: {table['run_dir'].nunique()}.", ""])
+
+
+def scale_section(table: pd.DataFrame) -> str:
+    w = wide(table, ["epochs", "best_epoch"])
+    done = w[w["status_train"].eq("completed").fillna(False)]
+    out = ["## Scale", ""]
+    for exp, d in done.groupby("experiment", dropna=False):
+        mapa = d[d["method"].str.startswith("mapa")]
+        fractions = sorted({float(f) for f in mapa["K_fraction"].dropna()})
+        bw = sorted({float(b) for b in d["bandwidth"].dropna()})
+        restarts = d.groupby(["dataset", "method", "K_fraction", "bandwidth", "S", "draw"], dropna=False)["seed"].nunique()
+        draws = d.groupby(["dataset", "method", "K_fraction", "bandwidth", "S"], dropna=False)["draw"].nunique()
+        out += [f"- **{exp}**: {len(d)} completed runs; data sets {', '.join(sorted(d['dataset'].unique()))}; "
+                f"methods {', '.join(sorted(d['method'].unique(), key=method_key))}"
+                + (f" (MAPA family at K fractions {', '.join(f'{f:g}' for f in fractions)})" if fractions else "")
+                + f"; S in {{{ints(d['S'])}}}" + (f"; bandwidths {', '.join(f'{b:g}' for b in bw)}" if bw else "")
+                + f"; R = {int(restarts.min())}–{int(restarts.max())} restarts and D = {int(draws.min())}–"
+                f"{int(draws.max())} draws per configuration; {ints(d.get('epochs', []))} epochs; "
+                f"N = {ints(d['n_train'])} training points; evaluated checkpoint: "
+                f"{', '.join(sorted(d['eval_checkpoint'].dropna().unique())) or 'last'}."]
+    return "\n".join(out + [""])
+
+
+def selection_section(select_by: str) -> str:
+    return "\n".join([
+        "## Selection rules (validation data only)", "",
+        "1. **Epoch**: each run is evaluated at its `checkpoints/best.ckpt`, the epoch with the best validation "
+        "bound (checked every 10 epochs).",
+        f"2. **Restart**: per configuration and data draw, the restart (seed) with the highest `{select_by}`.",
+        f"3. **K fraction** (MAPA, MAPA-GT, MAPA-naive): per data set, method and S, the fraction f in "
+        f"K = max(1, ceil(f S)) whose chosen restarts have the highest mean `{select_by}` over draws.",
+        f"4. **S** (wherever a method is shown at one S, and in the claims): per data set and method, the S whose "
+        f"chosen runs have the highest mean `{select_by}` over draws.",
+        "5. **Claims**: two methods are compared on the same draws, each at its own chosen configuration: paired "
+        "differences of test KL, a paired t test (two-sided p, df = draws − 1) and its 95% interval. A directional "
+        "claim *holds* when the interval excludes 0 in its favour, *fails* when it excludes 0 against it, and is "
+        f"*undecided* otherwise; \"≈\" *holds* when the interval lies within ±{EQUIVALENCE_MARGIN} nats, *fails* "
+        "when it lies outside, else *undecided*. No claim is called holding on a tie.",
+        "", "Test data give only the reported numbers.", ""])
+
+
 def runs_section(table: pd.DataFrame) -> str:
     runs = table.drop_duplicates(["run_dir", "source"])
-    counts = runs.groupby(["source", "status"]).size().rename("runs").reset_index()
+    counts = runs.groupby(["experiment", "source", "status"], dropna=False).size().rename("runs").reset_index()
     out = ["## Runs", "", md_table(counts), ""]
     bad = runs[~runs["status"].isin(["completed"])]
     if len(bad):
         out += [f"Runs not completed ({len(bad)}; first 20):", ""]
         shown = bad.head(20)[["source", "run", "dataset", "method", "S", "seed", "draw", "status", "reason"]]
         out += [md_table(shown.fillna("")), ""]
-    w = wide(table, ["epochs", "wall_time_s"])
+    w = wide(table, ["wall_time_s", "stack_size"])
     done = w[w["status_train"].eq("completed").fillna(False)]
-    if len(done):
-        epochs = sorted({int(e) for e in done.get("epochs", pd.Series(dtype=float)).dropna()})
-        restarts = done.groupby(["sweep", "dataset", "method", "S", "draw"], dropna=False)["seed"].nunique().max()
-        draws = done.groupby(["sweep", "dataset", "method", "S"], dropna=False)["draw"].nunique().max()
-        wall = f"{done['wall_time_s'].sum() / 3600:.2f} h ({done['wall_time_s'].sum():.0f} s)" if "wall_time_s" in done else "an unrecorded time"
-        out += [f"Scale: epochs {', '.join(map(str, epochs)) or '?'}; up to R = {restarts} restarts and "
-                f"D = {draws} draws per configuration; N = {', '.join(str(int(n)) for n in sorted(done['n_train'].dropna().unique())) or '?'} "
-                f"training points; {wall} of training in total.", ""]
+    if len(done) and "wall_time_s" in done:
+        share = done["wall_time_s"] / done.get("stack_size", pd.Series(1.0, index=done.index)).fillna(1.0)
+        out += [f"Training time: {share.sum() / 3600:.1f} core-hours (a stack's time split over its members).", ""]
     return "\n".join(out)
 
 
-def density_section(table: pd.DataFrame, figures: Path, report_dir: Path) -> tuple[str, pd.DataFrame | None]:
-    if plot_density.kl_metric(table) is None:
-        return ("## Density (Fig. 2a, D.1)\n\nNo test KL in these tables: the runs were not evaluated "
-                "(train with `evaluate=true`, or run `python evaluate.py sweep=<folder>`, then collect again).\n"), None
-    agg, metric = plot_density.density_summary(table)
-    select_by = selection_metric(table)
-    fig = plot_density.draw(table, figures / "density.png")
+def _cell(r) -> str:
+    cell = fmt(r["mean"], r["se"]) + (f" ({int(r['n'])})" if r["n"] > 1 else "")
+    if pd.notna(r["K_fraction"]) and r.get("k_fractions", 1) > 1:
+        cell += f" f={r['K_fraction']:g}"
+    return cell
+
+
+def density_section(table: pd.DataFrame, select_by: str, figures: Path, report_dir: Path):
+    density = experiment_rows(table, "paper_density")
+    if density.empty:
+        density = table
+    metric = plot_density.kl_metric(density)
+    if metric is None:
+        return ("## Density (Fig. 2a, D.1)\n\nNo test KL in these tables: the runs were not evaluated.\n"), None
+    chosen = choose_on_validation(density, select_by)
+    agg = mean_se_over_draws(chosen, metric, by=["dataset", "method", "K_fraction", "S"])
+    kf = chosen.groupby(["dataset", "method", "S"], dropna=False)["k_fractions"].max().rename("k_fractions")
+    agg = agg.merge(kf, left_on=["dataset", "method", "S"], right_index=True, how="left")
+    fig = plot_density.draw(density, figures / "density.png", metric, select_by)
     out = ["## Density (Fig. 2a, D.1)", "",
-           f"Test KL(p_GT ‖ p_model) in nats ({metric}), mean ± standard error over data draws (n = draws); "
-           f"per configuration the restart with the highest `{select_by}`. Lower is better.", "",
+           f"Test KL(p_GT ‖ p_model) in nats (`{metric}`: exact), mean ± standard error over draws (n = draws), "
+           "lower is better; runs chosen by the rules above (f = the K fraction chosen on validation data).", "",
            f"![test KL]({os.path.relpath(fig, report_dir)})", ""]
     for ds in sorted(agg["dataset"].unique()):
-        out += [f"### {ds}", "", md_table(pivot_mean_se(agg[agg["dataset"] == ds], "label", "S")), ""]
-    return "\n".join(out), agg
+        d = agg[agg["dataset"] == ds].copy()
+        d["cell"] = d.apply(_cell, axis=1)
+        p = d.pivot_table(index="method", columns="S", values="cell", aggfunc="first")
+        p = p.reindex(sorted(p.index, key=method_key))
+        p.columns = [f"S={int(c)}" for c in p.columns]
+        out += [f"### {ds}", "", md_table(p.reset_index().fillna("–")), ""]
+    at_s = choose_s(chosen, select_by)
+    s_agg = mean_se_over_draws(at_s, metric, by=["dataset", "method", "K_fraction", "S"])
+    rows = [[r.dataset, r.method, int(r.S), "" if pd.isna(r.K_fraction) else f"{r.K_fraction:g}",
+             fmt(r.mean, r.se) + f" ({int(r.n)})"] for r in s_agg.itertuples()]
+    rows.sort(key=lambda r: (r[0], method_key(r[1])))
+    out += ["### Each method at its S chosen on validation data", "",
+            md_table(pd.DataFrame(rows, columns=["dataset", "method", "S", "K fraction", f"test KL ({metric})"])), ""]
+    return "\n".join(out), (at_s, chosen, metric)
+
+
+def _values(at_s: pd.DataFrame, ds: str, method: str, metric: str) -> pd.Series:
+    d = at_s[(at_s["dataset"] == ds) & (at_s["method"] == method)]
+    return d.set_index("draw")[metric].astype(float)
+
+
+def _claim_row(ds: str, claim: str, p: Paired, outcome: str, note: str = "") -> list:
+    return [ds, claim, p.text(), outcome + (f" ({note})" if note else "")]
+
+
+def claims_section(density, passes: pd.DataFrame | None) -> str:
+    out = ["## The paper's claims (method.md §12) on these numbers", ""]
+    if density is not None:
+        at_s, chosen, metric = density
+        rows = []
+        for ds in sorted(at_s["dataset"].unique()):
+            present = set(at_s.loc[at_s["dataset"] == ds, "method"])
+            mapa = _values(at_s, ds, "mapa", metric) if "mapa" in present else None
+            if mapa is None:
+                continue
+            expected = "the paper's exception" if ds == "clusters" else ""
+            outcomes = []
+            for base in ("vae", "iwae"):
+                if base in present:
+                    p = paired_difference(mapa, _values(at_s, ds, base, metric))
+                    outcomes.append(directional(p, below=True))
+                    rows.append(_claim_row(ds, f"MAPA below {base.upper()}", p, outcomes[-1], expected))
+            if outcomes:
+                both = "holds" if all(o == "holds" for o in outcomes) else (
+                    "fails" if "fails" in outcomes else "undecided")
+                rows.append([ds, "**MAPA below VAE and IWAE**", "both of the above", f"**{both}**"
+                             + (f" ({expected})" if expected else "")])
+            if "mapa_gt" in present:
+                p = paired_difference(mapa, _values(at_s, ds, "mapa_gt", metric))
+                rows.append(_claim_row(ds, f"MAPA ≈ MAPA-GT (±{EQUIVALENCE_MARGIN})", p, equivalent(p, EQUIVALENCE_MARGIN)))
+            if "mapa_naive" in present:
+                p = paired_difference(_values(at_s, ds, "mapa_naive", metric), mapa)
+                rows.append(_claim_row(ds, "MAPA-naive above MAPA", p, directional(p, below=False)))
+        out += [f"Density (test KL, `{metric}`): d = mean paired difference (first − second) over draws, each "
+                "method at its own validation-chosen S and K fraction.", "",
+                md_table(pd.DataFrame(rows, columns=["dataset", "claim", "paired difference", "verdict"])), ""]
+        out += _per_s_comparison(chosen, metric)
+    else:
+        out += ["Density claims: not checked (no test KL in the tables).", ""]
+    out += _efficiency(passes)
+    return "\n".join(out)
+
+
+def _per_s_comparison(chosen: pd.DataFrame, metric: str) -> list[str]:
+    """MAPA minus IWAE at every S (both at the same S), paired by draw."""
+    rows = []
+    for (ds, S), d in chosen.groupby(["dataset", "S"]):
+        get = lambda m: d[d["method"] == m].set_index("draw")[metric].astype(float)  # noqa: E731
+        if {"mapa", "iwae"} <= set(d["method"]):
+            p = paired_difference(get("mapa"), get("iwae"))
+            rows.append([ds, int(S), p.text(), directional(p, below=True)])
+    if not rows:
+        return []
+    return ["MAPA below IWAE at the same S (paired by draw):", "",
+            md_table(pd.DataFrame(rows, columns=["dataset", "S", "MAPA − IWAE", "verdict"])), ""]
+
+
+def _efficiency(passes: pd.DataFrame | None) -> list[str]:
+    if passes is None or not len(passes):
+        return []
+    p = passes[passes["accounting"] == "passes_per_point_decoder"]
+    rows = []
+    for ds in sorted(p["dataset"].unique()):
+        d = p[p["dataset"] == ds]
+        iwae = d[d["method"] == "iwae"].groupby("S")["passes_per_point"].mean()
+        mapa = d[d["method"] == "mapa"]
+        for lab, m in mapa.groupby("label"):
+            m = m.set_index("S")["passes_per_point"]
+            common = sorted(set(m.index) & set(iwae.index))
+            if common:
+                fewer = [s for s in common if m[s] < iwae[s]]
+                s_max = common[-1]
+                rows.append([ds, f"{lab}: fewer decoder passes than IWAE at the same S",
+                             f"fewer at S in {{{', '.join(str(int(s)) for s in fewer)}}} of {len(common)}; at S = "
+                             f"{int(s_max)}: {m[s_max]:.2f} vs {iwae[s_max]:.2f} ({m[s_max] / iwae[s_max]:.2f}x)",
+                             "holds" if len(fewer) == len(common) else ("holds for S > 1" if
+                                                                        set(common) - set(fewer) <= {1} else "fails")])
+        fractions = mapa.groupby("label")["K_fraction"].first().dropna().sort_values()
+        if len(fractions) > 1:
+            lo, hi = fractions.index[0], fractions.index[-1]
+            a = mapa[mapa["label"] == lo].set_index("S")["passes_per_point"]
+            b = mapa[mapa["label"] == hi].set_index("S")["passes_per_point"]
+            common = sorted(set(a.index) & set(b.index))
+            if common:
+                rel = max((b[s] - a[s]) / a[s] for s in common)
+                rows.append([ds, "raising K costs almost nothing", f"{hi} vs {lo}: at most {100 * rel:+.0f}% passes",
+                             "holds" if rel <= 0.25 else "fails"])
+    if not rows:
+        return []
+    return ["Efficiency (decoder-dominated accounting; counts, not estimates: no test needed):", "",
+            md_table(pd.DataFrame(rows, columns=["dataset", "claim", "numbers", "verdict"])), ""]
+
+
+def evaluators_section(table: pd.DataFrame) -> str:
+    gap = table[(table["metric"] == "test_loglik_gap/mog_iwae") & table["value"].notna()]
+    if gap.empty:
+        return ""
+    g = gap["value"].astype(float)
+    by = gap.groupby("method")["value"].agg(["size", "mean", lambda v: v.abs().max()]).reset_index()
+    by.columns = ["method", "runs", "mean gap", "max |gap|"]
+    by = by.sort_values("method", key=lambda s: s.map(lambda m: method_key(m))).round(4)
+    return "\n".join(["## The two evaluators", "",
+                      f"On {len(g)} runs scored by both, the mixture IWAE's test log-likelihood minus the exact "
+                      f"quadrature's: mean {g.mean():+.4f}, mean |gap| {g.abs().mean():.4f}, max |gap| {g.abs().max():.4f} "
+                      "nats per point (the mixture IWAE is a bound: it should sit at or just below).", "",
+                      md_table(by), ""])
+
+
+def bandwidth_section(table: pd.DataFrame, select_by: str) -> str:
+    bw = experiment_rows(table, "bandwidth")
+    metric = plot_density.kl_metric(bw) if not bw.empty else None
+    if metric is None:
+        return ""
+    best = best_restarts(bw, select_by)
+    agg = mean_se_over_draws(best, metric, by=["dataset", "bandwidth"])
+    val = mean_se_over_draws(best, select_by, by=["dataset", "bandwidth"])
+    agg["cell"] = [fmt(m, s) + f" ({int(n)})" for m, s, n in zip(agg["mean"], agg["se"], agg["n"])]
+    p = agg.pivot_table(index="dataset", columns="bandwidth", values="cell", aggfunc="first")
+    p.columns = [f"h={c:g}" for c in p.columns]
+    chosen = val.sort_values(["dataset", "mean"], ascending=[True, False]).drop_duplicates("dataset")
+    picks = ", ".join(f"{r.dataset} h = {r.bandwidth:g}" for r in chosen.itertuples())
+    return "\n".join(["## Kernel bandwidth (MAPA)", "",
+                      f"Test KL (`{metric}`) against the kernel bandwidth h (the default is σ² = 0.01), best restart "
+                      "by validation log-likelihood, mean ± s.e. over draws.", "",
+                      md_table(p.reset_index().fillna("–")), "",
+                      f"Bandwidth chosen on validation data: {picks}.", ""])
 
 
 def bounds_section(table: pd.DataFrame) -> str:
-    if "val_bound" not in set(table["metric"].dropna()):
+    density = experiment_rows(table, "paper_density")
+    density = table if density.empty else density
+    if "val_bound" not in set(density["metric"].dropna()):
         return ""
-    best = best_restarts(table, "val_bound")
+    best = best_restarts(density, "val_bound")
     best["label"] = series_label(best)
     agg = mean_se_over_draws(best, "val_bound", by=["dataset", "label", "S"])
     out = ["## Training objective", "",
-           "The final model's bound on the validation set (nats per point; each method's own objective, so "
-           "VAE/IWAE and MAPA numbers bound different models' likelihoods), best restart by that bound, "
-           "mean ± s.e. over draws.", ""]
+           "Each run's own bound on the validation set at its last epoch (nats per point; VAE/IWAE and MAPA bound "
+           "different models' likelihoods), best restart by that bound, mean ± s.e. over draws.", ""]
     for ds in sorted(agg["dataset"].unique()):
-        out += [f"### {ds}", "", md_table(pivot_mean_se(agg[agg["dataset"] == ds], "label", "S")), ""]
+        d = agg[agg["dataset"] == ds].copy()
+        d["cell"] = [fmt(m, s) + (f" ({int(n)})" if n > 1 else "") for m, s, n in zip(d["mean"], d["se"], d["n"])]
+        p = d.pivot_table(index="label", columns="S", values="cell", aggfunc="first")
+        p = p.reindex(sorted(p.index, key=method_key))
+        p.columns = [f"S={int(c)}" for c in p.columns]
+        out += [f"### {ds}", "", md_table(p.reset_index().fillna("–")), ""]
     return "\n".join(out)
 
 
-def passes_section(table: pd.DataFrame, figures: Path, report_dir: Path) -> tuple[str, pd.DataFrame | None]:
+def passes_section(table: pd.DataFrame, figures: Path, report_dir: Path):
+    density = experiment_rows(table, "paper_density")
+    density = table if density.empty else density
     try:
-        s = plot_passes.passes_summary(table)
+        s = plot_passes.passes_summary(density)
     except KeyError:
         return "", None
-    fig = plot_passes.draw(table, figures / "passes.png")
+    fig = plot_passes.draw(density, figures / "passes.png")
     out = ["## Forward passes (Fig. 2b, D.2)", "",
            "Forward passes per data point per gradient step during training (mean over runs), "
            "decoder-dominated accounting (MAPA |U|/B, IWAE S) and encoder ≈ decoder (MAPA 2|U|/B, IWAE 1 + S); "
            "the dashed line is MAPA Max = N/B.", "", f"![passes]({os.path.relpath(fig, report_dir)})", ""]
     for ds in sorted(s["dataset"].unique()):
-        d = s[(s["dataset"] == ds) & (s["accounting"] == "passes_per_point_decoder")].copy()
-        d["mean"], d["se"], d["n"] = d["passes_per_point"], np.nan, 1
-        out += [f"### {ds} (decoder-dominated)", "", md_table(pivot_mean_se(d, "label", "S", digits=2)), ""]
+        d = s[(s["dataset"] == ds) & (s["accounting"] == "passes_per_point_decoder")]
+        p = d.pivot_table(index="label", columns="S", values="passes_per_point", aggfunc="first").round(2)
+        p = p.reindex(sorted(p.index, key=method_key))
+        p.columns = [f"S={int(c)}" for c in p.columns]
+        out += [f"### {ds} (decoder-dominated)", "", md_table(p.reset_index()), ""]
     return "\n".join(out), s
 
 
-def _compare(a: pd.Series, b: pd.Series) -> tuple[float, float]:
-    """Difference of means and its standard error (NaN s.e. counts as 0)."""
-    se = math.sqrt(np.nan_to_num(a["se"]) ** 2 + np.nan_to_num(b["se"]) ** 2)
-    return float(a["mean"] - b["mean"]), se
-
-
-def _verdict(diff: float, se: float, want_negative: bool) -> str:
-    good = diff < 0 if want_negative else diff > 0
-    if not good:
-        return "does not hold"
-    return "holds" if se == 0 or abs(diff) > 2 * se else "holds, within 2 s.e."
-
-
-def claims_section(density: pd.DataFrame | None, passes: pd.DataFrame | None) -> str:
-    out = ["## The paper's claims (spec §12) on these numbers", ""]
-    if density is not None and len(density):
-        # each method at its best S (lowest mean test KL)
-        best = density.sort_values("mean").drop_duplicates(["dataset", "method"]).set_index(["dataset", "method"])
-        rows = []
-        for ds in sorted(density["dataset"].unique()):
-            get = lambda m: best.loc[(ds, m)] if (ds, m) in best.index else None  # noqa: E731
-            mapa, gt, naive = get("mapa"), get("mapa_gt"), get("mapa_naive")
-            baselines = [b for b in (get("vae"), get("iwae")) if b is not None]
-            if mapa is not None and baselines:
-                base = min(baselines, key=lambda b: b["mean"])
-                d, se = _compare(mapa, base)
-                expected = "expected to fail (paper: Clusters is the exception)" if ds == "clusters" else ""
-                rows.append([ds, "MAPA < VAE and IWAE", f"{fmt(mapa['mean'], mapa['se'])} vs {fmt(base['mean'], base['se'])} "
-                             f"({base.name[1]})", _verdict(d, se, True) + (f"; {expected}" if expected else "")])
-            if mapa is not None and gt is not None:
-                d, se = _compare(mapa, gt)
-                verdict = "holds" if abs(d) <= 2 * se or abs(d) <= 0.05 * max(abs(gt["mean"]), 1e-12) else "does not hold"
-                rows.append([ds, "MAPA ≈ MAPA-GT", f"{fmt(mapa['mean'], mapa['se'])} vs {fmt(gt['mean'], gt['se'])}", verdict])
-            if mapa is not None and naive is not None:
-                d, se = _compare(naive, mapa)
-                rows.append([ds, "MAPA-naive worse than MAPA", f"{fmt(naive['mean'], naive['se'])} vs {fmt(mapa['mean'], mapa['se'])}",
-                             _verdict(d, se, False)])
-        out += ["Density: each method at its best S (lowest mean test KL; mean ± s.e. over draws).", "",
-                md_table(pd.DataFrame(rows, columns=["dataset", "claim", "numbers", "verdict"])), ""]
-    else:
-        out += ["Density claims: not checked (no test KL in the tables).", ""]
-    if passes is not None and len(passes):
-        p = passes[passes["accounting"] == "passes_per_point_decoder"]
-        rows = []
-        for ds in sorted(p["dataset"].unique()):
-            d = p[p["dataset"] == ds]
-            iwae = d[d["method"] == "iwae"].groupby("S")["passes_per_point"].mean()
-            mapa = d[d["method"] == "mapa"]
-            for lab, m in mapa.groupby("label"):
-                m = m.set_index("S")["passes_per_point"]
-                common = sorted(set(m.index) & set(iwae.index))
-                if common:
-                    fewer = sum(m[s] < iwae[s] for s in common)
-                    s_max = common[-1]
-                    rows.append([ds, f"{lab} needs fewer passes than IWAE at the same S",
-                                 f"fewer at {fewer}/{len(common)} S values; at S={s_max}: {m[s_max]:.2f} vs {iwae[s_max]:.2f}",
-                                 "holds" if fewer == len(common) else ("holds for S > 1" if fewer >= len(common) - 1 else "does not hold")])
-            labels = mapa.groupby("label")["K_fraction"].first().dropna().sort_values()
-            if len(labels) > 1:
-                lo, hi = labels.index[0], labels.index[-1]
-                a = mapa[mapa["label"] == lo].set_index("S")["passes_per_point"]
-                b = mapa[mapa["label"] == hi].set_index("S")["passes_per_point"]
-                common = sorted(set(a.index) & set(b.index))
-                if common:
-                    rel = max((b[s] - a[s]) / a[s] for s in common)
-                    rows.append([ds, "raising K costs almost nothing", f"{hi} vs {lo}: at most {100 * rel:+.0f}% passes",
-                                 "holds" if rel <= 0.25 else "does not hold"])
-        out += ["Efficiency (decoder-dominated accounting):", "",
-                md_table(pd.DataFrame(rows, columns=["dataset", "claim", "numbers", "verdict"])) if rows else "(no IWAE/MAPA pairs)", ""]
-    return "\n".join(out)
+def differences_section(table: pd.DataFrame) -> str:
+    w = wide(table, ["epochs"])
+    done = w[w["status_train"].eq("completed").fillna(False)]
+    epochs = ints(done.get("epochs", []))
+    return "\n".join([
+        "## What differs from the paper's setting, and why", "",
+        f"- **Scale.** {epochs} epochs with the restarts and draws stated above; the paper used R = D = 5 "
+        "and 1,000–2,000 epochs. Restarts and draws cost CPU time here (2 cores); the stated R and D are what fit.",
+        "- **Ground truths.** The analytic shapes' constants were stripped from the paper; ours are in method.md §10. "
+        "The data are drawn from a fitted surrogate network of the methods' own architecture, so the truth lies "
+        "in the model class.",
+        "- **Evaluation.** Test KL by exact quadrature (1-D latents) instead of the paper's mixture IWAE; the mixture "
+        "IWAE is reported beside it on a subset (above) to show the two agree.",
+        "- **MAPA's prior.** A monotone cubic through 8 bin means of the copula pairs (method.md §6) where the paper "
+        "fits a small regression network; the interpolating map cost 0.003–0.013 nats of test KL with a perfect "
+        "MAPA (the ground truth's own codes and decoder), the smooth one ≤ 0.0013.",
+        "- **Model selection.** Each run at its best validation epoch (the paper does not say which epoch it "
+        "reports); K fraction, restart and S chosen on validation data as the paper does for K.",
+        "- **Statistics.** With D draws, paired t tests have D − 1 degrees of freedom: with D = 3 only large, "
+        "consistent differences are decided, and the rest is reported as undecided rather than as a tie.", ""])
 
 
 def write_report(tables: list[Path], out: Path, figures: Path) -> Path:
     table = pd.concat([read_table(t) for t in tables], ignore_index=True)
     report_dir = out.parent
-    density_md, density = density_section(table, figures, report_dir)
+    select_by = selection_metric(table)
+    density_md, density = density_section(table, select_by, figures, report_dir)
     passes_md, passes = passes_section(table, figures, report_dir)
-    sweeps = sorted(table["sweep"].dropna().unique())
-    experiments = sorted(table["experiment"].dropna().unique())
-    header = ["# mapa-exp: reproduction report", "",
-              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `scripts/report.py` from "
-              f"{', '.join(f'`{t}`' for t in tables)}.", "",
-              f"Experiments: {', '.join(experiments) or '(not recorded)'}; sweeps: {len(sweeps)}; "
-              f"runs: {table['run_dir'].nunique()}.", ""]
-    parts = ["\n".join(header), runs_section(table), density_md, bounds_section(table), passes_md,
-             claims_section(density, passes)]
+    parts = [header(table, tables), scale_section(table), selection_section(select_by), runs_section(table),
+             density_md, claims_section(density, passes), evaluators_section(table), bandwidth_section(table, select_by),
+             bounds_section(table), passes_md, differences_section(table)]
     atomic_write_text(out, "\n".join(p.rstrip("\n") + "\n" for p in parts if p))
     return out
 
@@ -227,14 +391,15 @@ def write_report(tables: list[Path], out: Path, figures: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("tables", nargs="+", type=Path, help="tidy tables (.parquet or .csv) from scripts/collect.py")
-    p.add_argument("-o", "--out", type=Path, default=Path("docs/REPORT.md"))
+    p.add_argument("-o", "--out", type=Path, default=None, help="default: REPORT.md beside the first table")
     p.add_argument("--figures", type=Path, default=None, help="figure folder (default: <report folder>/figures)")
     a = p.parse_args(argv)
     missing = [str(t) for t in a.tables if not t.exists()]
     if missing:
         print(f"error: tables={missing}: no such file", file=sys.stderr)
         return 2
-    out = write_report(a.tables, a.out, a.figures or a.out.parent / "figures")
+    out = a.out or a.tables[0].parent / "REPORT.md"
+    out = write_report(a.tables, out, a.figures or out.parent / "figures")
     print(f"wrote {out}")
     return 0
 

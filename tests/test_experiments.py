@@ -152,9 +152,9 @@ def test_joblib_sweep_then_collect_then_report(tmp_path, cache_dir):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     text = out.read_text()
-    assert "Experiments: paper_passes_smoke; sweeps: 1; runs: 4." in text
-    assert "| train | completed | 4 |" in text
-    assert "| iwae | 1.00 | 10.00 |" in text  # passes per point at S = 1 and S = 10
+    assert "Experiments: paper_passes_smoke; runs: 4." in text
+    assert "| paper_passes_smoke | train | completed | 4 |" in text
+    assert "| iwae | 1.0 | 10.0 |" in text  # passes per point at S = 1 and S = 10
     assert "No test KL in these tables" in text
     assert (tmp_path / "docs" / "figures" / "passes.png").stat().st_size > 5000
 

@@ -14,7 +14,7 @@ from mapa_exp.evaluation.mog_iwae import (
     stratified_log_weights,
 )
 from mapa_exp.math.bounds import iwae_bound
-from mapa_exp.data.analytic import figure8  # spec §10
+from mapa_exp.data.analytic import figure8  # method.md §10
 from mapa_exp.math.likelihoods import Gaussian
 from mapa_exp.math.quadrature import quadrature_log_likelihood
 

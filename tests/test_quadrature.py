@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from mapa_exp.data.analytic import figure8  # spec §10
+from mapa_exp.data.analytic import figure8  # method.md §10
 from mapa_exp.math.likelihoods import Gaussian
 from mapa_exp.math.quadrature import (
     convergence_check,
@@ -46,7 +46,7 @@ def test_linear_gaussian_matches_closed_form(Dz, J):
 
 
 def test_equal_mass_rule_converges_but_slowly():
-    # spec §7's equal-mass grid: right in the limit, but its spacing grows in the tails
+    # method.md §7's equal-mass grid: right in the limit, but its spacing grows in the tails
     decode, x, exact, _, _ = linear_gaussian(1, 2, N=300)
     def err(J):
         q = quadrature_log_likelihood(x, decode, Gaussian(SIGMA2), J, 1, rule="equal_mass")

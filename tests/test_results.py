@@ -188,12 +188,61 @@ def test_report_states_the_numbers_and_the_claims(table, tmp_path):
     # the density table: mean ± s.e. (draws)
     assert "| mapa | 0.300 ± 0.153 (3) |" in text
     assert "| vae | 1.750 ± 0.750 (2) |" in text
-    # the claim, with its numbers: MAPA 0.3 vs VAE 1.75 differs by 1.45 < 2 * sqrt(0.153^2 + 0.75^2) = 1.53
-    assert "| circle | MAPA < VAE and IWAE | 0.300 ± 0.153 vs 1.750 ± 0.750 (vae) | holds, within 2 s.e. |" in text
+    # the claim, by the paired difference over the draws both have (0 and 1): MAPA 0.10, 0.20 vs VAE 1.00, 2.50;
+    # a t test with 1 degree of freedom cannot decide it: reported as undecided, not as holding
+    from scipy import stats
+
+    ref = stats.ttest_rel([0.10, 0.20], [1.00, 2.50])
+    ci = ref.confidence_interval(0.95)
+    line = next(l for l in text.splitlines() if l.startswith("| circle | MAPA below VAE |"))
+    assert f"d = -1.600, 95% CI [{ci.low:+.3f}, {ci.high:+.3f}], t(1) = {ref.statistic:.2f}, p = {ref.pvalue:.3g}" in line
+    assert line.endswith("| undecided |")
+    assert "| circle | **MAPA below VAE and IWAE** | both of the above | **undecided** |" in text
     # runs and failures
-    assert "| train | failed | 1 |" in text and "boom" in text
+    assert "| paper_density | train | failed | 1 |" in text and "boom" in text
     # figures exist, are linked relative to the report, and are real PNGs
     for name in ("density.png", "passes.png"):
         png = tmp_path / "docs" / "figures" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"](figures/{name})" in text
+
+
+# -- choices on validation data, and the statistics of a claim -------------------------------------
+def test_k_fraction_and_S_are_chosen_on_validation_where_test_would_choose_otherwise():
+    """Validation prefers K fraction 0.1 and S = 10; the test KL would pick 0.5 and S = 2. Validation wins."""
+    from mapa_exp.sweeps.results import choose_on_validation, choose_s
+
+    rows = []
+    for S in (2, 10):
+        for f, K in ((0.1, 1), (0.5, S // 2)):
+            for draw in range(3):
+                for seed in (0, 1):
+                    val = -1.0 + (0.3 if f == 0.1 else 0.0) + (0.2 if S == 10 else 0.0) + 0.1 * seed + 0.01 * draw
+                    kl = 0.5 - (0.3 if f == 0.5 else 0.0) - (0.2 if S == 2 else 0.0) + 0.1 * seed  # the opposite
+                    rows += [dict(r, S=S, K=K, K_fraction=f, run=f"{r['run']}_S{S}_f{f}", run_dir=f"{r['run_dir']}_S{S}_f{f}")
+                             for r in _rows("mapa", K, f, draw, seed, val, kl)]
+    chosen = choose_on_validation(tidy_frame(rows))
+    assert set(chosen["K_fraction"]) == {0.1} and set(chosen["seed"]) == {1}  # validation's choices
+    assert (chosen["k_fractions"] == 2).all() and len(chosen) == 6  # 2 values of S x 3 draws
+    at_s = choose_s(chosen, "val_loglik/quadrature")
+    assert set(at_s["S"]) == {10} and len(at_s) == 3 and (at_s["S_choices"] == 2).all()
+    assert at_s["test_kl/quadrature"].tolist() == pytest.approx([0.6] * 3)  # not the 0.0 test would pick
+
+
+def test_paired_difference_matches_scipy_and_the_verdicts():
+    from scipy import stats
+
+    from mapa_exp.sweeps.statistics import directional, equivalent, paired_difference
+
+    a = pd.Series([0.10, 0.12, 0.08, 0.11], index=[0, 1, 2, 3])
+    b = pd.Series([0.20, 0.25, 0.18, 0.30, 9.9], index=[0, 1, 2, 3, 4])  # draw 4 has no partner: left out
+    p = paired_difference(a, b)
+    ref = stats.ttest_rel(a.to_numpy(), b.to_numpy()[:4])
+    assert p.n == 4 and p.mean == pytest.approx(-0.13) and p.p == pytest.approx(ref.pvalue) and p.t == pytest.approx(ref.statistic)
+    ci = ref.confidence_interval(0.95)
+    assert (p.lo, p.hi) == pytest.approx((ci.low, ci.high))
+    assert directional(p, below=True) == "holds" and directional(p, below=False) == "fails"
+    assert equivalent(p, margin=0.01) == "fails" and equivalent(p, margin=1.0) == "holds"
+    tie = paired_difference(pd.Series([0.1, 0.3, 0.2]), pd.Series([0.2, 0.1, 0.25]))  # a tie is not a win
+    assert directional(tie, below=True) == "undecided" and equivalent(tie, margin=0.01) == "undecided"
+    assert directional(paired_difference(a[:1], b[:1])) == "undecided"  # one draw: no test

@@ -113,3 +113,23 @@ def test_bad_method_values_give_one_clear_line(override, key, tmp_path):
     # nothing was marked successful
     for results in (tmp_path / "outputs").rglob("results.json"):
         assert json.loads(results.read_text())["status"] == "failed"
+
+
+def test_best_checkpoint_is_the_run_stopped_at_its_best_validation_epoch(tmp_path, cache_dir):
+    """best.ckpt holds the weights of the epoch with the best validation bound: equal to the last.ckpt of the
+    same run trained only that many epochs (an independent run, same seed)."""
+    import torch
+
+    base = ["dataset=figure8", "method=mapa", *FAST, "trainer.max_epochs=8", "optimizer.lr=0.03",
+            "callbacks.checkpoint.every_n_epochs=1"]  # a large step: the validation bound goes up and down
+    res = run_training(compose_cfg(base, tmp_path / "long", cache_dir))
+    val = pd.read_csv(tmp_path / "long" / "metrics.csv").dropna(subset=["val/bound"])
+    best = val.loc[val["val/bound"].idxmax()]
+    assert res["best_epoch"] == int(best["epoch"]) + 1 and res["best_val_bound"] == pytest.approx(best["val/bound"])
+    short = run_training(compose_cfg([*base, f"trainer.max_epochs={res['best_epoch']}"], tmp_path / "short", cache_dir))
+    assert short["best_epoch"] == res["best_epoch"]
+    a = torch.load(tmp_path / "long" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "short" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for net in ("encoder", "decoder"):
+        assert torch.equal(a[f"{net}.params"], b[f"{net}.params"])
+    assert res["val_bound"] != short["val_bound"] or res["best_epoch"] == 8  # last and best differ here

@@ -1,4 +1,4 @@
-"""The analytic shapes f(z) of the five synthetic ground truths (spec §10), as torch functions.
+"""The analytic shapes f(z) of the five synthetic ground truths (method.md §10), as torch functions.
 
 Each maps latents z of shape (n, 1) to observation means of shape (n, 2). They are the targets the
 surrogate networks are fitted to; the data themselves come from the surrogates.

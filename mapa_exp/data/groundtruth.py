@@ -1,4 +1,4 @@
-"""Ground-truth generative models and their data draws (spec §10).
+"""Ground-truth generative models and their data draws (method.md §10).
 
 A ``GroundTruth`` is an analytic shape f(z) (any callable), replaced by a *surrogate* network of the
 methods' own architecture fitted to (z, f(z)) pairs, so the truth lies in the model class. Its

@@ -1,4 +1,4 @@
-"""Proposals over training indices for MAPA and its ablations (spec §3, §9), as configurable objects.
+"""Proposals over training indices for MAPA and its ablations (method.md §3, §9), as configurable objects.
 
 Each proposal turns query points into *rows*: candidate training indices sorted by decreasing
 probability (R, M) and their log-probabilities (R, M). The top K columns are T_K(n); the tail q~ is

@@ -3,7 +3,7 @@
 ``nearest_neighbors`` is the one public function; the datamodule caches what it returns. Rows are
 sorted by increasing distance, ties by increasing index; when the queries are the reference set
 itself, each point is its own first neighbour at distance exactly 0 (MAPA's self-term is the row
-maximum, spec §3), ahead of exact duplicates.
+maximum, method.md §3), ahead of exact duplicates.
 
 Metrics: ``sqeuclidean`` (Gaussian kernel; computed on data centred on the reference mean, in fp32
 with TF32 off) and ``hamming`` (Bernoulli kernel; binary data only, exact integers: on {0, 1} data

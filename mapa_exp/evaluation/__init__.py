@@ -1,1 +1,1 @@
-"""Evaluation: estimators of log p(x) for trained generative models (spec §7)."""
+"""Evaluation: estimators of log p(x) for trained generative models (method.md §7)."""

@@ -30,15 +30,15 @@ class GenerativeModel:
 
 
 def recovered_model(decoder, likelihood, codes: torch.Tensor, tail_knots: int = 10, n_components: int = 10,
-                    seed: int = 0) -> GenerativeModel:
-    """A generative model from a decoder and codes without a prior (MAPA, spec §6).
+                    seed: int = 0, bins: int | None = 8) -> GenerativeModel:
+    """A generative model from a decoder and codes without a prior (MAPA, method.md §6).
 
-    Dz = 1: the Gaussian copula map h, giving z^ ~ N(0, 1), x ~ p(x | f(h(z^))); Dz > 1: a Gaussian
-    mixture fitted to the codes as the prior.
+    Dz = 1: the Gaussian copula map h (smooth through ``bins`` bin means, or interpolating with None),
+    giving z^ ~ N(0, 1), x ~ p(x | f(h(z^))); Dz > 1: a Gaussian mixture fitted to the codes as the prior.
     """
     Dz = codes.shape[1]
     if Dz == 1:
-        copula = CopulaPrior1D.fit(codes[:, 0].double(), tail_knots=tail_knots)
+        copula = CopulaPrior1D.fit(codes[:, 0].double(), tail_knots=tail_knots, bins=bins)
         decode = compose_decoder(lambda z: decoder(z.to(torch.get_default_dtype())), copula)
         return GenerativeModel(decode, likelihood, 1, StandardNormalPrior(1))
     prior = MixturePrior.fit(codes.double(), n_components=n_components, seed=seed)

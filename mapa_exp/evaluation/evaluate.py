@@ -3,11 +3,11 @@
 For each estimator (``mapa_exp.evaluation.estimators``) it reports, in nats per point:
 ``val_loglik/<est>``, ``test_loglik/<est>``, and when the data have a ground truth
 ``test_loglik_gt/<est>`` and ``test_kl/<est>`` = mean over test points of log p_GT(x) - log p_model(x)
-(spec §7; the truth scored by the same estimator). Mixture-IWAE numbers carry ``*_se/<est>``, the
+(method.md §7; the truth scored by the same estimator). Mixture-IWAE numbers carry ``*_se/<est>``, the
 Monte-Carlo standard error of the mean; quadrature carries ``convergence/<est>`` (J vs 2J, worst point).
 With both estimators, ``test_loglik_gap/mog_iwae`` = mixture-IWAE minus quadrature.
 
-MAPA's prior is recovered from its codes first (spec §6). The ground truth's scores depend only on the
+MAPA's prior is recovered from its codes first (method.md §6). The ground truth's scores depend only on the
 data and the estimator, so they are cached and shared by every run of a sweep.
 """
 
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mapa_exp.errors import ConfigError, check
 from mapa_exp.evaluation.estimators import GenerativeModel, recovered_model, standard_model
-from mapa_exp.evaluation.runs import Run, find_runs, load_member_weights, read_run_files
+from mapa_exp.evaluation.runs import Run, checkpoint_file, find_runs, load_member_weights, read_run_files
 from mapa_exp.io import ArrayCache, atomic_write_json, content_key
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,20 @@ log = logging.getLogger(__name__)
 IDENTITY = ("dataset", "method", "K", "S", "seed", "draw")
 
 
-def model_of(run: Run, tail_knots: int = 10, n_components: int = 10, seed: int = 0) -> GenerativeModel:
+def model_of(run: Run, **prior_recovery) -> GenerativeModel:
     """The run's generative model with a prior: N(0, I) for the baselines, recovered for MAPA."""
-    return model_of_module(run.module, run.datamodule.x["train"], 0, tail_knots, n_components, seed)
+    return model_of_module(run.module, run.datamodule.x["train"], 0, **prior_recovery)
 
 
-def model_of_module(module, x_train: torch.Tensor, e: int = 0, tail_knots: int = 10, n_components: int = 10,
-                    seed: int = 0) -> GenerativeModel:
-    """Member e's generative model: its decoder with N(0, I), or with the prior of its codes of x_train."""
+def model_of_module(module, x_train: torch.Tensor, e: int = 0, **prior_recovery) -> GenerativeModel:
+    """Member e's generative model: its decoder with N(0, I), or with the prior of its codes of x_train
+    (``prior_recovery``: the keyword arguments of ``recovered_model``)."""
     decoder = module.generative_decoder(e)
     if module.standard_normal_prior:
         return standard_model(decoder, module.likelihood, module.latent_dim)
     with torch.no_grad():
         codes = module.codes(x_train, e)
-    return recovered_model(decoder, module.likelihood, codes, tail_knots, n_components, seed)
+    return recovered_model(decoder, module.likelihood, codes, **prior_recovery)
 
 
 def _mean_se(ll: torch.Tensor, se: torch.Tensor | None) -> tuple[float, float | None]:
@@ -78,17 +78,19 @@ def has_ground_truth(datamodule) -> bool:
 
 
 def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
-                 key: str = "run") -> dict:
+                 key: str = "run", checkpoint: str = "best") -> dict:
     """Evaluate one run folder with every estimator; writes and returns ``eval.json``'s content."""
-    return evaluate_runs([path], estimators, prior_recovery, cache_dir, key)[0]
+    return evaluate_runs([path], estimators, prior_recovery, cache_dir, key, checkpoint)[0]
 
 
 def evaluate_runs(paths, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
-                  key: str = "run") -> list[dict]:
+                  key: str = "run", checkpoint: str = "best") -> list[dict]:
     """Evaluate run folders of one configuration (e.g. a stack's members, differing in seed and draw) in one
     pass: one data module holding every draw, one stacked module holding every member's weights, each
-    estimator (and its grid) shared; the ground truth's scores are cached per draw. Writes each run's
-    ``eval.json`` and returns their contents. Runs of different configurations are evaluated group by group."""
+    estimator (and its grid) shared; the ground truth's scores are cached per draw. ``checkpoint``: ``best``
+    (each run's weights at its best validation bound: model selection on validation data) or ``last``.
+    Writes each run's ``eval.json`` and returns their contents. Runs of different configurations are evaluated
+    group by group."""
     from mapa_exp.runs.training import build  # the one place that turns a config into objects
 
     loaded = [read_run_files(p, key) for p in paths]
@@ -98,12 +100,14 @@ def evaluate_runs(paths, estimators: dict, prior_recovery: dict | None = None, c
         datamodule, module = build(cfg, [r[2].get("seed", cfg.seed) for r in group],
                                    [r[2].get("draw", cfg.dataset.get("draw", 0)) for r in group])
         datamodule.setup("evaluate")
-        for e, (path, _, _) in enumerate(group):
-            load_member_weights(module, e, path / "checkpoints" / "last.ckpt", key)
+        files = [checkpoint_file(path, checkpoint, key) for path, _, _ in group]
+        for e, f in enumerate(files):
+            load_member_weights(module, e, f, key)
         module.eval()
         cache = ArrayCache(cache_dir) if cache_dir else None
         for e, (path, _, results) in enumerate(group):
-            out[path] = _evaluate_member(path, results, module, e, datamodule, estimators, prior_recovery or {}, cache)
+            out[path] = _evaluate_member(path, results, module, e, datamodule, estimators, prior_recovery or {}, cache,
+                                         files[e].stem)
     return [out[p] for p, _, _ in loaded]
 
 
@@ -125,9 +129,9 @@ def _same_configuration(loaded: list) -> list[list]:
 
 
 def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, estimators: dict, prior_recovery: dict,
-                     cache: ArrayCache | None) -> dict:
+                     cache: ArrayCache | None, checkpoint: str) -> dict:
     t0 = time.perf_counter()
-    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "status": "running"}
+    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "status": "running", "checkpoint": checkpoint}
     try:
         x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
         model = model_of_module(module, x["train"], e, **prior_recovery)
@@ -172,13 +176,14 @@ def evaluate_configured(paths, cfg) -> dict | list[dict]:
     """``evaluate_run`` with the estimators, prior recovery and cache of a train or evaluate config, for one
     run folder or a list of them (a stack's members)."""
     estimators = build_estimators(cfg)
+    which = cfg.get("eval_checkpoint", "best")
     if isinstance(paths, (list, tuple)):
-        return evaluate_runs(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir)
-    return evaluate_run(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir)
+        return evaluate_runs(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir, checkpoint=which)
+    return evaluate_run(paths, estimators, dict(cfg.prior_recovery), cfg.paths.cache_dir, checkpoint=which)
 
 
 def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | None = None,
-                   cache_dir: str | None = None) -> dict:
+                   cache_dir: str | None = None, checkpoint: str = "best") -> dict:
     """Evaluate every completed run below ``folder``; failed runs are recorded, not evaluated.
 
     Returns counts and writes ``summary.csv`` in ``folder``: the best restart per configuration (by
@@ -191,7 +196,7 @@ def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | 
     counts = {"evaluated": 0, "skipped": 0, "failed": 0}
     for path in tqdm(runs, desc="evaluating runs", file=sys.stderr, disable=None):
         try:
-            evaluate_run(path, estimators, prior_recovery, cache_dir)
+            evaluate_run(path, estimators, prior_recovery, cache_dir, checkpoint=checkpoint)
             counts["evaluated"] += 1
         except ConfigError as exc:  # a run that did not complete: kept as it is, said once
             log.warning("skipped %s: %s", path, exc.reason)

@@ -1,4 +1,4 @@
-"""The paper's log p(x) evaluator (spec §7): a frozen generative model, an amortized mixture q, IWAE_S.
+"""The paper's log p(x) evaluator (method.md §7): a frozen generative model, an amortized mixture q, IWAE_S.
 
 Freeze the generative model (a decoder ``decode`` (..., Dz) -> (..., Dx) of likelihood parameters,
 a ``likelihood`` with ``log_prob(x, params)``, and a prior, N(0, I) unless ``log_prior`` is

@@ -1,4 +1,4 @@
-"""Posterior trends (spec §8, paper Sec 6.3) and non-identifiability (Sec 6.4) as tidy tables.
+"""Posterior trends (method.md §8, paper Sec 6.3) and non-identifiability (Sec 6.4) as tidy tables.
 
 For chosen points x_n and every training code z_m of a *variant* (a decoder and its codes):
 

@@ -1,6 +1,7 @@
 """Finished training runs as Python objects: config, results, data and the trained module, loaded safely.
 
-A run folder is what ``train.py`` writes (``config.yaml``, ``results.json``, ``checkpoints/last.ckpt``).
+A run folder is what ``train.py`` writes (``config.yaml``, ``results.json``, ``checkpoints/last.ckpt`` and
+``checkpoints/best.ckpt``: the weights at the epoch with the best validation bound, what is evaluated by default).
 ``load_run`` refuses, with one line naming the folder, anything that is not a completed run.
 Checkpoints are read with ``torch.load(weights_only=True)``: no pickled object is ever executed.
 """
@@ -8,6 +9,7 @@ Checkpoints are read with ``torch.load(weights_only=True)``: no pickled object i
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mapa_exp.errors import ConfigError, check
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,14 +49,29 @@ def read_run_files(path: str | Path, key: str = "run") -> tuple[Path, DictConfig
     return path, OmegaConf.load(cfg_file), results
 
 
-def load_run(path: str | Path, key: str = "run") -> Run:
-    """Rebuild the run's data and module from its resolved config and load its trained weights."""
+CHECKPOINTS = ("best", "last")
+
+
+def checkpoint_file(path: Path, which: str = "best", key: str = "run") -> Path:
+    """The run's checkpoint to evaluate: ``best`` (the epoch with the best validation bound) or ``last``; a run
+    written before best checkpoints existed has only ``last``, which is then used (and said)."""
+    check(which in CHECKPOINTS, "eval_checkpoint", which, f"must be one of {CHECKPOINTS}")
+    f = path / "checkpoints" / f"{which}.ckpt"
+    if not f.exists() and which == "best":
+        log.warning("%s has no checkpoints/best.ckpt: evaluating checkpoints/last.ckpt", path)
+        return path / "checkpoints" / "last.ckpt"
+    return f
+
+
+def load_run(path: str | Path, key: str = "run", checkpoint: str = "best") -> Run:
+    """Rebuild the run's data and module from its resolved config and load its trained weights (``checkpoint``:
+    best or last)."""
     from mapa_exp.runs.training import build  # the one place that turns a config into objects
 
     path, cfg, results = read_run_files(path, key)
     datamodule, module = build(cfg)
     datamodule.setup("evaluate")
-    load_member_weights(module, 0, path / "checkpoints" / "last.ckpt", key)
+    load_member_weights(module, 0, checkpoint_file(path, checkpoint, key), key)
     module.eval()
     return Run(path=path, cfg=cfg, results=results, datamodule=datamodule, module=module)
 

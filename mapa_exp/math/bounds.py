@@ -5,10 +5,10 @@ constant kept, so a bound, an estimate and an exact value compare directly:
 
 * ``log_weights_gaussian_q`` -- importance log-weights log p(x, z) - log q(z | x) for a mean-field
   Gaussian q (one function serves the ELBO, the IWAE bound and the evaluation estimate);
-* ``elbo`` / ``iwae_bound`` -- spec Eq 2 from those log-weights;
+* ``elbo`` / ``iwae_bound`` -- method.md Eq 2 from those log-weights;
 * ``iwae_surrogate`` -- the quantity whose gradient is the standard, STL or DReG estimator;
-* ``mapa_bound`` -- spec Eq 10, L_{K,S} per point, in log space;
-* ``empirical_log_likelihood`` -- spec Eq 6 per point (the exact value MAPA bounds).
+* ``mapa_bound`` -- method.md Eq 10, L_{K,S} per point, in log space;
+* ``empirical_log_likelihood`` -- method.md Eq 6 per point (the exact value MAPA bounds).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def iwae_surrogate(log_w: torch.Tensor, z: torch.Tensor, estimator: str) -> torc
 def mapa_bound(
     ll_top: torch.Tensor, ll_tail: torch.Tensor, tail_log_q: torch.Tensor, N: int
 ) -> torch.Tensor:
-    """L_{K,S} per point (spec Eq 10), in log space.
+    """L_{K,S} per point (method.md Eq 10), in log space.
 
     ll_top: (B, K) log p(x_n | f(g(x_m))) for m in the top-K set T_K(n);
     ll_tail: (B, S) the same for the S tail samples m_s ~ q~(.|x_n);
@@ -112,5 +112,5 @@ def mapa_bound(
 
 
 def empirical_log_likelihood(ll: torch.Tensor) -> torch.Tensor:
-    """Exact empiricalized log-likelihood per point (spec Eq 6): (B, N) -> (B,)."""
+    """Exact empiricalized log-likelihood per point (method.md Eq 6): (B, N) -> (B,)."""
     return torch.logsumexp(ll, -1) - math.log(ll.shape[-1])

@@ -3,7 +3,7 @@
 A likelihood knows three things: how to score an observation given the decoder's output
 (``log_prob``, in nats, summed over observation dimensions; ``log_prob_matrix`` scores every observation
 under every output at once, for quadrature), how to sample it, and which
-observation-space proximity MAPA uses for it (``metric`` and ``log_kernel``, spec §3).
+observation-space proximity MAPA uses for it (``metric`` and ``log_kernel``, method.md §3).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Gaussian:
 class Bernoulli:
     """x in {0,1}^D ~ Bernoulli(sigmoid(logits)); the decoder outputs logits.
 
-    MAPA kernel (spec §3, Eq 22): log k(x, x') = -H(x, x') log(rho / (1 - rho)) with Hamming distance H.
+    MAPA kernel (method.md §3, Eq 22): log k(x, x') = -H(x, x') log(rho / (1 - rho)) with Hamming distance H.
     """
 
     metric = "hamming"

@@ -1,29 +1,35 @@
-"""Prior recovery (spec §6): turn MAPA's codes z_n = g(x_n) into a prior the evaluators can use.
+"""Prior recovery (method.md §6): turn MAPA's codes z_n = g(x_n) into a prior the evaluators can use.
 
 MAPA learns codes but no parametric prior. Two recoveries, both plain classes holding tensors
 (``state_dict()`` is a dict of tensors, safe for ``torch.save`` / ``torch.load(weights_only=True)``):
 
 * ``CopulaPrior1D`` (Dz = 1, the paper's C.3): Gaussian copula u_n = Φ⁻¹(rank_n / (N + 1)),
   whitened ẑ_n = (u_n − mean u) / sd u (population sd, so the ẑ_n have unit second moment), and a
-  monotone piecewise-linear map h: ẑ → z through the sorted pairs (ẑ_(k), z_(k)). The recovered
-  generative model is ẑ ~ N(0, 1), x ~ p(x | f(h(ẑ))): every N(0, I) evaluator applies with
-  decode = f ∘ h (``compose_decoder``), and its log p(x) equals quadrature under the prior of
-  z = h(ẑ) (``quadrature_grid`` maps the standard grid's nodes through h and keeps their weights).
-  Beyond the outermost codes h continues linearly with the *secant* slope over the outermost
-  ``tail_knots`` knots (default 10) rather than the last segment's: the gap between the two most
-  extreme order statistics has a relative spread of order 1, the secant over k knots about
-  1/sqrt(k). h is strictly increasing (codes are ranked with ties broken by order), so h⁻¹ is
-  the same interpolation with the roles swapped. The implied density of z (``log_prob``) is
-  piecewise constant over ẑ-segments and, with every code a knot, as noisy as a one-spacing
-  density estimate; ``n_knots`` thins the knots to that many evenly spaced ranks (both ends kept)
-  for a smoother h. Evaluate the recovered model through ``compose_decoder`` (or
-  ``quadrature_grid``), where the noise is averaged over the posterior's width, not pointwise.
+  monotone map h: ẑ → z regressed on the sorted pairs (ẑ_(k), z_(k)). The recovered generative model
+  is ẑ ~ N(0, 1), x ~ p(x | f(h(ẑ))): every N(0, I) evaluator applies with decode = f ∘ h
+  (``compose_decoder``), and its log p(x) equals quadrature under the prior of z = h(ẑ)
+  (``quadrature_grid`` maps the standard grid's nodes through h and keeps their weights). Two maps:
+
+  - ``bins=B`` (**[default]** B = 8): a smooth regression, the monotone cubic (PCHIP, C¹) through the
+    means of B equal-count bins of the sorted pairs, tabulated on 4097 nodes. The pairs wander around
+    the true map like a Brownian bridge (the order statistics' noise); averaging over bins and few knots
+    remove most of it: with a ground truth's own codes and decoder (where the true h is the identity) the
+    recovered model's test KL was <= 0.0013 nats on Circle and Figure-8 (tests/test_prior_recovery.py),
+    against 0.003-0.013 for the interpolating map, whose implied density is a one-spacing estimate;
+  - ``bins=None``: the piecewise-linear interpolation through every pair (exact at the codes).
+
+  Beyond the outermost knots h continues linearly: the smooth map with its end slopes, the interpolating
+  map with the *secant* slope over the outermost ``tail_knots`` pairs (default 10) rather than the last
+  segment's (the gap between the two most extreme order statistics has a relative spread of order 1,
+  the secant over k knots about 1/sqrt(k)). h is strictly increasing, so h⁻¹ is the same piecewise-linear
+  table with the roles swapped, and the implied density of z (``log_prob``) follows by the change of
+  variables.
 * ``MixturePrior`` (any Dz, the [choice] for Dz > 1): a full-covariance Gaussian mixture fitted
   to the codes with scikit-learn, exposed as torch tensors (``log_prob``, ``sample``). Its prior
   is not N(0, I) and there is no simple map to one, so evaluators take its density instead:
-  quadrature (Dz ≤ 2) integrates against it on a box grid (``quadrature_grid``: the midpoint
-  rule over [min_c(μ_c − 8σ_c), max_c(μ_c + 8σ_c)] per axis, weights = density × cell volume),
-  and the mixture-IWAE evaluator takes ``log_prior=prior.log_prob`` in log p(x, z).
+  quadrature (Dz ≤ 2) integrates against it component by component (``quadrature_grid``: the
+  standard rule in each component's own coordinates, weighted by π_c), and the mixture-IWAE
+  evaluator takes ``log_prior=prior.log_prob`` in log p(x, z).
 
 Fitting uses numpy/scikit-learn once; every call afterwards is torch only.
 """
@@ -35,7 +41,7 @@ from typing import Callable
 import torch
 
 from mapa_exp.math.bounds import log_normal_std
-from mapa_exp.math.quadrature import QuadratureGrid, box_grid, standard_normal_rule_1d
+from mapa_exp.math.quadrature import QuadratureGrid, standard_normal_rule_1d, tensor_product_grid
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, slope_lo: torch.Tensor, slope_hi: torch.Tensor):
@@ -56,7 +62,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, slope_lo: torch
 
 
 class CopulaPrior1D:
-    """z = h(ẑ), ẑ ~ N(0, 1), with h the monotone piecewise-linear copula map (module docstring)."""
+    """z = h(ẑ), ẑ ~ N(0, 1), with h a monotone copula map held as a piecewise-linear table (module docstring)."""
 
     latent_dim = 1
 
@@ -67,22 +73,24 @@ class CopulaPrior1D:
         self.slope_hi = torch.as_tensor(slope_hi, dtype=z_knots.dtype)  # () dz/dẑ above the last knot
 
     @classmethod
-    def fit(cls, codes: torch.Tensor, tail_knots: int = 10, n_knots: int | None = None) -> "CopulaPrior1D":
-        """Fit to 1-D codes, shaped (N,) or (N, 1); N >= 2. ``n_knots=None`` keeps every code as a knot."""
+    def fit(cls, codes: torch.Tensor, tail_knots: int = 10, bins: int | None = 8) -> "CopulaPrior1D":
+        """Fit to 1-D codes, shaped (N,) or (N, 1); N >= 2. ``bins``: the smooth map through that many bin means
+        (module doc), or None for the interpolating map through every code."""
         if codes.dim() == 2 and codes.shape[1] != 1:
             raise ValueError(f"CopulaPrior1D needs latent_dim = 1 codes, got shape {tuple(codes.shape)}")
         z = codes.reshape(-1).detach().to(torch.float64).cpu()
         N = z.shape[0]
         if N < 2:
             raise ValueError(f"CopulaPrior1D needs at least 2 codes, got N={N}")
+        if bins is not None and not (isinstance(bins, int) and bins >= 2):
+            raise ValueError(f"prior_recovery.bins must be an integer >= 2 or null, got {bins!r}")
         z_sorted = torch.sort(z, stable=True).values  # (N,) rank k+1 <-> z_sorted[k]
         u = torch.special.ndtri(torch.arange(1, N + 1, dtype=torch.float64) / (N + 1))  # (N,)
         zhat = (u - u.mean()) / u.std(correction=0)
-        if n_knots is not None and 2 <= int(n_knots) < N:
-            keep = torch.linspace(0, N - 1, int(n_knots), dtype=torch.float64).round().long()  # (n_knots,)
-            zhat, z_sorted, N = zhat[keep], z_sorted[keep], int(n_knots)
-        k = max(1, min(int(tail_knots), N - 1))
         tiny = 1e-12 * max(float(z_sorted[-1] - z_sorted[0]), 1e-12)
+        if bins is not None and bins < N:
+            return cls(*_smooth_map(zhat, z_sorted, bins, tiny))
+        k = max(1, min(int(tail_knots), N - 1))
         slope_lo = ((z_sorted[k] - z_sorted[0]) / (zhat[k] - zhat[0])).clamp_min(tiny)
         slope_hi = ((z_sorted[-1] - z_sorted[-1 - k]) / (zhat[-1] - zhat[-1 - k])).clamp_min(tiny)
         return cls(zhat, z_sorted, slope_lo, slope_hi)
@@ -116,6 +124,25 @@ class CopulaPrior1D:
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "CopulaPrior1D":
         return cls(state["zhat_knots"], state["z_knots"], state["slope_lo"], state["slope_hi"])
+
+
+def _smooth_map(zhat: torch.Tensor, z: torch.Tensor, bins: int, tiny: float, nodes: int = 4097):
+    """The monotone cubic through the bin means of the sorted pairs, tabulated (strictly increasing), and
+    its end slopes: (zhat_knots, z_knots, slope_lo, slope_hi)."""
+    import numpy as np
+    from scipy.interpolate import PchipInterpolator
+
+    edges = torch.linspace(0, zhat.shape[0], bins + 1).round().long().tolist()
+    kx = np.array([float(zhat[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])])
+    ky = np.array([float(z[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])])
+    ky = np.maximum.accumulate(ky)  # bin means of sorted codes are non-decreasing; guard against rounding
+    f = PchipInterpolator(kx, ky, extrapolate=False)
+    xs = np.linspace(kx[0], kx[-1], nodes)
+    steps = np.maximum(np.diff(f(xs)), tiny * np.diff(xs))  # strictly increasing, so h has an inverse
+    ys = ky[0] + np.concatenate([[0.0], np.cumsum(steps)])
+    slope = f.derivative()
+    return (torch.from_numpy(xs), torch.from_numpy(ys), torch.tensor(max(float(slope(kx[0])), tiny)),
+            torch.tensor(max(float(slope(kx[-1])), tiny)))
 
 
 def compose_decoder(decode: Callable[[torch.Tensor], torch.Tensor], prior: CopulaPrior1D):
@@ -164,15 +191,21 @@ class MixturePrior:
         eps = torch.randn((n, self.latent_dim, 1), generator=generator, dtype=self.means.dtype)
         return self.means[c] + (self.scale_tril[c] @ eps)[..., 0]
 
-    def quadrature_grid(self, J: int, rule: str | None = None, dtype=torch.float64, device=None,
-                        n_sd: float = 8.0) -> QuadratureGrid:
-        """Midpoint rule on the box covering every component to ``n_sd`` sd, J cells per axis."""
+    def quadrature_grid(self, J: int, rule: str | None = None, dtype=torch.float64, device=None) -> QuadratureGrid:
+        """One standard-normal rule per component in its own coordinates: nodes μ_c + L_c ε_j, log weights
+        log π_c + log w_j, J nodes per axis per component (C·J^Dz in all).
+
+        Since ∫ g(z) Σ_c π_c N(z; μ_c, Σ_c) dz = Σ_c π_c ∫ g(μ_c + L_c ε) N(ε; 0, I) dε, each component is
+        resolved in units of its own spread however tight or far apart the components are, and the grid
+        holds the mixture's whole mass (a box grid over all of them held 0.93 of five tight components)."""
         if rule not in (None, "uniform"):
             raise ValueError(f"MixturePrior supports quadrature rule 'uniform' only, got rule={rule!r}")
-        sd = torch.linalg.vector_norm(self.scale_tril, dim=-1)  # (C, Dz) marginal sd = row norms of L
-        lower = (self.means - n_sd * sd).min(0).values.to(device)
-        upper = (self.means + n_sd * sd).max(0).values.to(device)
-        return box_grid(self.log_prob, lower, upper, J, dtype=dtype)
+        eps_1d, log_w_1d = standard_normal_rule_1d(J, "uniform", dtype=dtype, device=device)
+        eps = tensor_product_grid(eps_1d, log_w_1d, self.latent_dim)  # (J^Dz, Dz), (J^Dz,)
+        means, L = self.means.to(dtype=dtype, device=device), self.scale_tril.to(dtype=dtype, device=device)
+        nodes = means[:, None, :] + eps.nodes @ L.transpose(-1, -2)  # (C, J^Dz, Dz)
+        log_w = self.log_weights.to(dtype=dtype, device=device)[:, None] + eps.log_weights  # (C, J^Dz)
+        return QuadratureGrid(nodes.reshape(-1, self.latent_dim), log_w.reshape(-1))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"log_weights": self.log_weights, "means": self.means, "scale_tril": self.scale_tril}

@@ -1,4 +1,4 @@
-"""Categorical proposals over data indices (spec §3-4): MAPA's kernel q, its top-K split and tail q~.
+"""Categorical proposals over data indices (method.md §3-4): MAPA's kernel q, its top-K split and tail q~.
 
 A proposal for point n is a row of candidate indices sorted by decreasing probability and their
 log-probabilities. These functions work on such rows; they know nothing of files or networks.

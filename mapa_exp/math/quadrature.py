@@ -1,4 +1,4 @@
-"""Exact log p(x) for latent dimension 1 or 2 by quadrature over the prior (spec §7).
+"""Exact log p(x) for latent dimension 1 or 2 by quadrature over the prior (method.md §7).
 
     log p(x) = log ∫ p(x | f(z)) p(z) dz  ≈  logsumexp_j [ log w_j + log p(x | f(z_j)) ]
 
@@ -15,7 +15,7 @@ Rules for the standard normal prior (2-D grids are tensor products of the 1-D ru
   trapezoidal rule", Trefethen & Weideman 2014). Measured: a linear-Gaussian model with σ² = 0.01
   is exact to 1e-14 nats at J = 300 (1-D) and J = 200 per axis (2-D); the Figure-8 decoder
   matches scipy.integrate.quad to 1e-15 at J = 1000.
-* ``equal_mass`` (spec §7's suggestion): z_j = Φ⁻¹((j − ½)/J), w_j = 1/J, the midpoint rule in
+* ``equal_mass`` (the equal-mass rule of method.md §7): z_j = Φ⁻¹((j − ½)/J), w_j = 1/J, the midpoint rule in
   u = Φ(z). It is O(1/J²) at best, and its spacing 1/(J φ(z)) grows in the tails (Δz ≈ 0.12 at
   |z| = 3.5 for J = 10⁴) with no node beyond Φ⁻¹(1/(2J)) (3.9 for J = 10⁴): on the linear-Gaussian
   model above with 2000 points drawn from the model it is still 0.03 nats off at J = 10⁴ (1-D) and
@@ -26,7 +26,7 @@ Choosing J: the uniform rule's error for a posterior of sd s is about 2 exp(−2
 J = 10⁴ in 1-D covers |f'| up to ~100 (the a = 30 staircases need |f'| ≈ 20). Always report
 ``convergence_check`` (J against 2J) beside the number.
 
-A prior other than N(0, I) (spec §6: ``CopulaPrior1D``, ``MixturePrior``) supplies its own grid
+A prior other than N(0, I) (method.md §6: ``CopulaPrior1D``, ``MixturePrior``) supplies its own grid
 through ``prior.quadrature_grid(J, rule, dtype, device)``; ``StandardNormalPrior`` is the default.
 
 The decoder is called without gradients, with nodes in x's dtype and on x's device; every
@@ -104,27 +104,6 @@ def standard_normal_rule_1d(
     else:
         raise ValueError(f"quadrature rule must be one of {RULES}, got rule={rule!r}")
     return nodes.to(dtype), log_w.to(dtype)
-
-
-def box_grid(
-    log_density: Callable[[torch.Tensor], torch.Tensor],
-    lower: torch.Tensor,
-    upper: torch.Tensor,
-    J: int,
-    dtype: torch.dtype = torch.float64,
-) -> QuadratureGrid:
-    """Midpoint rule on the box [lower, upper] (Dz,), J cells per axis, weights density × cell volume.
-
-    For any prior density whose mass outside the box is negligible (``MixturePrior`` uses it).
-    """
-    lower, upper = lower.to(dtype), upper.to(dtype)
-    Dz = lower.shape[0]
-    check_latent_dim(Dz)
-    mid = (torch.arange(J, dtype=dtype, device=lower.device) + 0.5) / J  # (J,)
-    axes = [lower[d] + mid * (upper[d] - lower[d]) for d in range(Dz)]
-    nodes = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, Dz)  # (J^Dz, Dz)
-    log_cell = torch.log((upper - lower) / J).sum()
-    return QuadratureGrid(nodes, log_density(nodes) + log_cell)
 
 
 class StandardNormalPrior:
@@ -264,7 +243,7 @@ def posterior_log_density(
 ) -> torch.Tensor:
     """log p(z_m | x_n) = log p(x_n | decode(z_m)) + log p(z_m) - log p(x_n): (N, Dx), (M, Dz) -> (N, M).
 
-    ``log_px`` (N,) is the normaliser, e.g. from ``quadrature_log_likelihood`` (spec §8, black curve).
+    ``log_px`` (N,) is the normaliser, e.g. from ``quadrature_log_likelihood`` (method.md §8, black curve).
     """
     params = decode(z.to(x.dtype)).to(dtype)  # (M, Dx)
     ll = likelihood.log_prob_matrix(x.to(dtype), params)  # (N, M)

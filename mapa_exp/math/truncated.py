@@ -1,4 +1,4 @@
-"""The tail proposal of truncated MAPA (spec §4, "truncated proposals stay valid"), as pure torch functions.
+"""The tail proposal of truncated MAPA (method.md §4, "truncated proposals stay valid"), as pure torch functions.
 
 With a truncated proximity structure each point n has only its M nearest candidates ``rows`` (R, M),
 sorted by decreasing q; the first K are the top-K set T_K(n). The S tail samples come from the
@@ -14,7 +14,7 @@ the uniform share eps covers *every* point outside T_K(n), neighbour or not. The
   bounded by e^ell (N - K) / (N eps), whatever the kernel: a far point that the decoder likes cannot
   give an unbounded weight;
 * eps = 0 is q~ itself: unbiased for the sum over the M - K neighbours only, which is <= the full
-  tail, so L stays a lower bound (a looser one) -- spec §4;
+  tail, so L stays a lower bound (a looser one) -- method.md §4;
 * the uniform part is over all non-top-K points rather than only the non-neighbours, so it needs no
   knowledge of the neighbour list to *sample* (one draw skipped past the K top-K indices), works
   unchanged for the dense structure (M = N), and its density is the same constant everywhere.

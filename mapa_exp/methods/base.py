@@ -26,7 +26,7 @@ estimator, and each member's forward passes of each network. Everything else liv
 
 Logged names (per member): ``train/bound_step`` (every ``log_every_n_steps``), ``train/bound_epoch``,
 ``val/bound`` (nats per point), ``{train,val}/passes_encoder`` and ``/passes_decoder`` (per step),
-``/passes_per_point_decoder`` (the decoder-dominated accounting, spec §5) and
+``/passes_per_point_decoder`` (the decoder-dominated accounting, method.md §5) and
 ``/passes_per_point_encoder_decoder`` (encoder ~ decoder), and the running totals
 ``train/passes_encoder_total`` and ``train/passes_decoder_total``; ``trainer/global_step`` and ``epoch``.
 
@@ -106,7 +106,7 @@ POINT_KEYS = ("x", "index", "eps")  # the entries with one row per point (dim 1)
 
 
 class LatentVariableModule(L.LightningModule, ABC):
-    #: True when the model's prior is N(0, I); False when it must be recovered from codes (spec §6)
+    #: True when the model's prior is N(0, I); False when it must be recovered from codes (method.md §6)
     standard_normal_prior = True
 
     def __init__(
@@ -141,11 +141,19 @@ class LatentVariableModule(L.LightningModule, ABC):
         self.register_buffer("failed_step", torch.full((E,), -1, dtype=torch.long))
         self.register_buffer("failed_epoch", torch.full((E,), -1, dtype=torch.long))
         self.register_buffer("active", torch.ones(E, dtype=torch.bool))
+        # model selection on validation data: each member's best validation bound and its epoch
+        self.register_buffer("best_val_bound", torch.full((E,), -torch.inf, dtype=torch.float64))
+        self.register_buffer("best_epoch", torch.full((E,), -1, dtype=torch.long))
 
     def make_net(self, in_dim: int, out_dim: int, name: str) -> MLP:
-        """A stacked network, member e initialised from its own ``init`` stream for this network's name."""
+        """A stacked network, member e initialised from its own ``init`` stream for this network's name.
+
+        Its parameters at each member's best validation bound so far are kept beside it (buffer
+        ``best_<name>``), for the member's ``checkpoints/best.ckpt``."""
         net = self.net(in_dim, out_dim, members=self.members)
         net.reset_parameters(generators(self.seeds, "init", name))
+        self.register_buffer(f"best_{name}", net.params.detach().clone())
+        self._selected_nets = [*getattr(self, "_selected_nets", []), name]
         return net
 
     @abstractmethod
@@ -364,6 +372,17 @@ class LatentVariableModule(L.LightningModule, ABC):
         dm = self.trainer.datamodule
         res = self.mean_bounds(dm.eval_batches("val", "eval", self.current_epoch, limit=dm.limits["val"]))
         self._emit({"val/bound": res["bound"], **self._pass_metrics("val", res)})
+        self._keep_best(res["bound"])
+
+    @torch.no_grad()
+    def _keep_best(self, val_bound: torch.Tensor) -> None:
+        """Each active member whose validation bound improved keeps its current parameters as its best."""
+        improved = (val_bound > self.best_val_bound) & self.active  # a NaN never improves
+        self.best_val_bound.copy_(torch.where(improved, val_bound, self.best_val_bound))
+        self.best_epoch.copy_(torch.where(improved, self.current_epoch, self.best_epoch))
+        for name in self._selected_nets:
+            best = getattr(self, f"best_{name}")
+            best.copy_(torch.where(improved[:, None], getattr(self, name).params, best))
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())

@@ -1,4 +1,4 @@
-"""MAPA, MAPA-GT and MAPA-naive: the bound L_{K,S} (spec Eq 10) with g_phi codes and a fixed proposal.
+"""MAPA, MAPA-GT and MAPA-naive: the bound L_{K,S} (method.md Eq 10) with g_phi codes and a fixed proposal.
 
 The three differ only in the proposal the datamodule draws from (``mapa_exp.data.proposals``); the
 module is the same. g_phi and f_theta run once per *unique* training index each member's batch touches

@@ -1,4 +1,4 @@
-"""VAE and IWAE: a mean-field Gaussian encoder q(z|x) with S importance samples (spec §1).
+"""VAE and IWAE: a mean-field Gaussian encoder q(z|x) with S importance samples (method.md §1).
 
 One module, two objectives: ``elbo`` (the VAE with S samples, averaged) and ``iwae`` (IWAE_S), and
 three gradient estimators for the encoder: ``standard``, ``stl`` and ``dreg``. The reparameterisation

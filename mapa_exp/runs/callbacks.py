@@ -47,7 +47,7 @@ class StackCheckpoint(Checkpoint):
         last = trainer.max_epochs is not None and trainer.max_epochs >= 0 and done >= trainer.max_epochs
         if last or trainer.should_stop or done % self.every_n_epochs == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(self.path)  # Lightning writes it to a temporary name and renames it
+            trainer.save_checkpoint(self.path, weights_only=False)  # all state; written to a temporary name, renamed
 
 
 # -- preemption ---------------------------------------------------------------------------------

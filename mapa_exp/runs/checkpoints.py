@@ -143,6 +143,21 @@ def slice_checkpoint(ckpt: dict, members: list[int]) -> dict:
     return out
 
 
+def best_checkpoint(ckpt: dict) -> dict:
+    """A one-member checkpoint's weights at the member's best validation bound (``best_<net>`` buffers), for
+    evaluation: no optimiser state or loop progress (it is not a point to resume from). Unchanged weights when
+    no validation ran."""
+    state = dict(ckpt["state_dict"])
+    validated = "best_epoch" in state and int(state["best_epoch"].reshape(-1)[0]) >= 0
+    if validated:
+        for key in [k for k in state if k.startswith("best_") and k not in ("best_epoch", "best_val_bound")]:
+            state[f"{key[len('best_'):]}.params"] = state[key].clone()
+    out = {k: v for k, v in ckpt.items() if k not in ("optimizer_states", "loops", "lr_schedulers")}
+    out["state_dict"] = state
+    out["selected"] = "best validation bound" if validated else "last epoch (no validation ran)"
+    return out
+
+
 def save_checkpoint(ckpt: dict, path: str | Path) -> None:
     """Write a checkpoint atomically (a temporary name, then renamed)."""
     buf = io.BytesIO()

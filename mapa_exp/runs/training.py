@@ -32,7 +32,8 @@ from mapa_exp.errors import ConfigError, check
 from mapa_exp.io import atomic_write_json, atomic_write_text
 from mapa_exp.runs.callbacks import MemberLogging, StopOnSignal
 from mapa_exp.runs.checkpoints import (
-    RunIdentity, check_resumable, checkpoint_identities, load_checkpoint_safely, save_checkpoint, slice_checkpoint,
+    RunIdentity, best_checkpoint, check_resumable, checkpoint_identities, load_checkpoint_safely, save_checkpoint,
+    slice_checkpoint,
 )
 from mapa_exp.runs.members import Member, is_stacked, members_of
 
@@ -104,7 +105,8 @@ def run_identity(cfg: DictConfig) -> dict:
 
 IDENTITY_KEYS = ("dataset", "method", "net", "optimizer", "data", "seed")
 VOLATILE_KEYS = {"dataset.cache_dir", "data.cache_dir"}
-COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows")  # how a run is computed, not what it is
+COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows",  # how a run is computed or
+                "evaluate", "eval_checkpoint", "evaluator", "prior_recovery")  # evaluated, not what it trains
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -172,8 +174,8 @@ def run_job(cfg: DictConfig) -> list[dict]:
         raise
     for m in todo:
         results[m.index].update(outcome[m.index])
-    if stacked and any(results[m.index]["status"] == "completed" for m in todo):
-        _write_member_checkpoints(stack_dir / "checkpoints" / "last.ckpt", todo, results)
+    if any(results[m.index]["status"] == "completed" for m in todo):
+        _write_member_checkpoints(stack_dir / "checkpoints" / "last.ckpt", todo, results, stacked)
     _finish(results, todo, loggers, stack_dir if stacked else None, t0)
     return [results.get(m.index) or done[m.index] for m in members]
 
@@ -299,6 +301,7 @@ def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
     train = module.mean_bounds(dm.eval_batches("train", "final"))["bound"].tolist()
     val = module.mean_bounds(dm.eval_batches("val", "final"))["bound"].tolist()
     failures = module.failure_reasons()
+    best_epoch, best_val = module.best_epoch.tolist(), module.best_val_bound.tolist()
     out = {}
     for e, m in enumerate(members):
         res = {"skipped_batches": skipped[e], "epochs": trainer.current_epoch}
@@ -308,18 +311,24 @@ def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
                        f"seed={m.seed} draw={m.draw} (nan_policy={m.cfg.get('nan_policy')})")
         else:
             res.update(status="completed", train_bound=train[e], val_bound=val[e],
+                       best_epoch=best_epoch[e] + 1 if best_epoch[e] >= 0 else None,  # epochs done at its best
+                       best_val_bound=best_val[e] if best_epoch[e] >= 0 else None,
                        surrogate_mse=dm.groundtruth.surrogate_mse, proximity_cache_hit=dm.member_cache_hit(e),
                        **module.forward_pass_summary(e))
         out[m.index] = res
     return out
 
 
-def _write_member_checkpoints(stack_ckpt: Path, members: list[Member], results: dict) -> None:
-    """Each completed member's own ``checkpoints/last.ckpt``: its slice of the stack's, a complete checkpoint."""
+def _write_member_checkpoints(stack_ckpt: Path, members: list[Member], results: dict, stacked: bool) -> None:
+    """Each completed member's ``checkpoints/best.ckpt`` (its weights at its best validation bound) and, in a
+    stack, its own ``checkpoints/last.ckpt``: its slice of the stack's, a complete checkpoint."""
     ckpt = load_checkpoint_safely(stack_ckpt)
     for e, m in enumerate(members):
         if results[m.index]["status"] == "completed":
-            save_checkpoint(slice_checkpoint(ckpt, [e]), m.run_dir / "checkpoints" / "last.ckpt")
+            own = slice_checkpoint(ckpt, [e]) if stacked else ckpt
+            if stacked:
+                save_checkpoint(own, m.run_dir / "checkpoints" / "last.ckpt")
+            save_checkpoint(best_checkpoint(own), m.run_dir / "checkpoints" / "best.ckpt")
 
 
 def _build_trainer(cfg: DictConfig, callbacks: list, datamodule) -> L.Trainer:

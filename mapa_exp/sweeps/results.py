@@ -12,8 +12,10 @@ reason, a run that has no numbers gets one row with an empty metric, and a job f
 results.json is a row with status ``missing``.
 
 ``best_restarts`` keeps, per configuration, the restart (seed) with the highest validation log-likelihood
-(spec §7); ``mean_se_over_draws`` averages a metric over the D data draws with its standard error. The
-plotting scripts and the report read only the table and use these two functions.
+(method.md §7); ``choose_on_validation`` adds the K fraction of the MAPA family, and ``choose_s`` a method's S,
+both on validation data; ``mean_se_over_draws`` averages a metric over the D data draws with its standard
+error. The plotting scripts and the report read only the table and use these functions: no choice anywhere
+is made on test data.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from mapa_exp.io import atomic_write_bytes
 
 # identity of a run; "seed" is the restart, "draw" the data draw
 CONFIG_COLUMNS = ["sweep", "experiment", "dataset", "method", "K", "S", "K_fraction", "bandwidth", "draw"]
-RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size"]
+RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", "eval_checkpoint"]
 TIDY_COLUMNS = ["sweep", "experiment", *RUN_COLUMNS, "status", "reason", "source", "metric", "value"]
 INT_COLUMNS = ["K", "S", "seed", "draw", "n_train", "batch_size"]
 FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
@@ -40,7 +42,7 @@ FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
 IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "draw", "run_dir"}
 # columns read from the run's resolved config.yaml (results.json does not carry them)
 FROM_CONFIG = {"K_fraction": "method.K_fraction", "bandwidth": "method.bandwidth", "n_train": "dataset.n_train",
-               "batch_size": "data.batch_size"}
+               "batch_size": "data.batch_size", "eval_checkpoint": "eval_checkpoint"}
 
 SELECT_BY = ("val_loglik/quadrature", "val_loglik/mog_iwae", "val_bound")  # first present wins
 
@@ -223,6 +225,40 @@ def best_restarts(table: pd.DataFrame, select_by: str | None = None, config: Seq
     w["restarts"] = w.groupby(config, dropna=False)["run_dir"].transform("size")
     w = w.sort_values([*config, select_by, "seed"], ascending=[True] * len(config) + [False, True], na_position="first")
     return w.drop_duplicates(config, keep="first").reset_index(drop=True)
+
+
+# a configuration up to its restart, draw and K fraction: where the K fraction is chosen
+K_CHOICE_KEYS = ["experiment", "dataset", "method", "bandwidth", "S"]
+
+
+def choose_on_validation(table: pd.DataFrame, select_by: str | None = None) -> pd.DataFrame:
+    """The runs a report shows, every choice made on validation data (``select_by``, default
+    ``selection_metric``): per configuration and draw the best restart (``best_restarts``); then, where a
+    method was run with several K fractions, per (experiment, dataset, method, bandwidth, S) the fraction
+    whose chosen restarts have the highest mean ``select_by`` over draws. A wide table, one row per
+    (configuration, draw), with ``k_fractions`` = how many fractions were compared."""
+    select_by = select_by or selection_metric(table)
+    best = best_restarts(table, select_by)
+    keys = [k for k in K_CHOICE_KEYS if k in best.columns]
+    score = best.groupby([*keys, "K_fraction"], dropna=False)[select_by].mean().rename("_score").reset_index()
+    score["k_fractions"] = score.groupby(keys, dropna=False)["_score"].transform("size")
+    score = score.sort_values([*keys, "_score", "K_fraction"], ascending=[True] * len(keys) + [False, True],
+                              na_position="first")
+    chosen = score.drop_duplicates(keys, keep="first")[[*keys, "K_fraction", "k_fractions"]]
+    out = best.merge(chosen, on=[*keys, "K_fraction"], how="inner")
+    return out.sort_values([*keys, "draw"], na_position="first").reset_index(drop=True)
+
+
+def choose_s(chosen: pd.DataFrame, select_by: str, by: Sequence[str] = ("experiment", "dataset", "method", "bandwidth")
+             ) -> pd.DataFrame:
+    """Per ``by``, the S whose (validation-chosen) runs have the highest mean ``select_by`` over draws: those
+    runs, one per draw, with ``S_choices`` = how many values of S were compared."""
+    by = [c for c in by if c in chosen.columns]
+    score = chosen.groupby([*by, "S"], dropna=False)[select_by].mean().rename("_score").reset_index()
+    score["S_choices"] = score.groupby(by, dropna=False)["_score"].transform("size")
+    score = score.sort_values([*by, "_score", "S"], ascending=[True] * len(by) + [False, True], na_position="first")
+    best_s = score.drop_duplicates(by, keep="first")[[*by, "S", "S_choices"]]
+    return chosen.merge(best_s, on=[*by, "S"], how="inner").reset_index(drop=True)
 
 
 def mean_se_over_draws(best: pd.DataFrame, metric: str, by: Sequence[str] | None = None) -> pd.DataFrame:
