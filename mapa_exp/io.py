@@ -23,11 +23,22 @@ from filelock import FileLock
 log = logging.getLogger(__name__)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: 0644 under umask 022, readable by collaborators
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (mode as open() gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -53,6 +64,15 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def progress(iterable, desc: str):
+    """``iterable`` with a progress bar and ETA on stderr when it is a terminal (nothing in logs or pipes)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, file=sys.stderr, disable=None, leave=False, mininterval=0.5)
 
 
 def sha256_bytes(*chunks: bytes) -> str:

@@ -3,6 +3,7 @@
 * ``${mapa_k:S,fraction,default}`` -- MAPA's top-K size from the tail size (method.md §9):
   ``K = max(1, ceil(fraction * S))``, or ``default`` when ``fraction`` is null. ``fraction = 0`` gives K = 1.
 * ``${mapa_concat:a,b,...}`` -- the lists (or single values) concatenated, e.g. W&B tags.
+* ``${mapa_num:n}`` -- a job number zero-padded to 4 digits, so a sweep's folders sort in job order.
 * ``${mapa_cwd:}`` -- the folder the command was started in: Hydra's ``runtime.cwd`` in a job, the process's
   working folder before Hydra has set its config (a multirun's sweeper resolves the sweep folder then,
   where ``${hydra:runtime.cwd}`` fails with "HydraConfig was not set").
@@ -32,6 +33,11 @@ def mapa_k(S, fraction, default=None) -> int:
     check(isinstance(S, int) and S >= 1, "method.S", S, "must be an integer >= 1 when K is a fraction of it")
     # round first so that e.g. 0.1 * 30 = 3.0000000000000004 gives 3, not 4
     return max(1, math.ceil(round(fraction * S, 9)))
+
+
+def mapa_num(n) -> str:
+    """The job number ``n`` as 4 digits (more when it needs them): 0007, 0123, 4374."""
+    return f"{int(n):04d}"
 
 
 def mapa_cwd() -> str:
@@ -78,7 +84,7 @@ def mapa_run_id(run_dir) -> str:
 
 def register() -> None:
     """Register every resolver (idempotent)."""
-    for name, fn in (("mapa_k", mapa_k), ("mapa_concat", mapa_concat), ("mapa_cwd", mapa_cwd),
+    for name, fn in (("mapa_k", mapa_k), ("mapa_num", mapa_num), ("mapa_concat", mapa_concat), ("mapa_cwd", mapa_cwd),
                      ("mapa_run_id", mapa_run_id), ("mapa_sweep_group", mapa_sweep_group)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mapa_exp.sweeps.plots import legend_right, save
+from mapa_exp.sweeps.plots import identical_series, kl_axis, legend_right, save, series_styles
 from mapa_exp.sweeps.results import choose_on_validation, mean_se_over_draws, read_table, selection_metric  # noqa: E402
 
 KL_METRICS = ("test_kl/quadrature", "test_kl/mog_iwae")
@@ -52,10 +52,11 @@ def draw(table, out: Path, metric: str | None = None, select_by: str | None = No
     sns.set_theme(style="whitegrid", font_scale=0.9)
     datasets = sorted(agg["dataset"].unique())
     labels = sorted(agg["label"].unique(), key=lambda s: (METHOD_ORDER.index(s.split()[0]) if s.split()[0] in METHOD_ORDER else 99, s))
-    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
+    styles = series_styles(labels)
     ncol = min(len(datasets), 3)
     nrow = -(-len(datasets) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.6 * nrow), squeeze=False)
+    scales, same = set(), set()
     for ax, ds in zip(axes.flat, datasets):
         d = agg[agg["dataset"] == ds]
         for i, lab in enumerate(labels):
@@ -63,21 +64,25 @@ def draw(table, out: Path, metric: str | None = None, select_by: str | None = No
             if s.empty:
                 continue
             dodge = 1.06 ** (i - (len(labels) - 1) / 2)  # side by side on the log axis, not on top of each other
-            ax.errorbar(s["S"].astype(float) * dodge, s["mean"], yerr=s["se"].fillna(0), marker="o", ms=4, capsize=3,
-                        label=lab, color=palette[lab])
+            ax.errorbar(s["S"].astype(float) * dodge, s["mean"], yerr=s["se"].fillna(0), ms=4, capsize=3, label=lab,
+                        **styles[lab])
         ax.set_xscale("log")
-        # KL spans 1e-2 (good fits) to tens of nats (MAPA-naive at S=1): log-like above 0.01, linear below
-        ax.set_yscale("symlog", linthresh=0.01)
+        scales.add(kl_axis(ax, list(d["mean"] - d["se"].fillna(0)) + list(d["mean"] + d["se"].fillna(0))))
+        same |= {f"{a} = {b} on {ds}" for a, b in identical_series(d, "label", "S", "mean")}
         s_values = sorted({float(v) for v in d["S"]})
         ax.set_xticks(s_values, [f"{v:g}" for v in s_values])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlim(min(s_values) / 1.3, max(s_values) * 1.3)
         ax.set_title(ds)
-        ax.set_xlabel("S")
-        ax.set_ylabel(f"test KL (nats) [{metric.split('/')[1]}]")
+        ax.set_xlabel("S (samples per point)")
+        ax.set_ylabel("test KL (nats per point)")
     for ax in axes.flat[len(datasets):]:
         ax.axis("off")
-    fig.suptitle("Test KL(p_GT || p_model): mean ± s.e. over draws; restart and K fraction chosen by validation log-likelihood")
+    caption = (f"Test KL(p_GT || p_model) by {metric.split('/')[1]}, mean ± s.e. over draws; restart and K fraction "
+               f"chosen on validation data; y: {'; '.join(sorted(scales))}")
+    if same:
+        caption += "\nidentical series (drawn side by side): " + "; ".join(sorted(same))
+    fig.suptitle(caption, fontsize=9)
     legend_right(fig, axes)
     save(fig, out)
     return out
@@ -86,12 +91,12 @@ def draw(table, out: Path, metric: str | None = None, select_by: str | None = No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", type=Path)
-    p.add_argument("-o", "--out", type=Path, default=Path("docs/figures/density.png"))
+    p.add_argument("-o", "--out", type=Path, default=None, help="default: density.png beside the table")
     p.add_argument("--metric", default=None, help=f"default: the first of {KL_METRICS} in the table")
     p.add_argument("--select-by", default=None, help="restart selection metric (default: validation log-likelihood)")
     a = p.parse_args(argv)
     try:
-        out = draw(read_table(a.table), a.out, a.metric, a.select_by)
+        out = draw(read_table(a.table), a.out or a.table.with_name("density.png"), a.metric, a.select_by)
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mapa_exp.sweeps.plots import legend_right, save
+from mapa_exp.sweeps.plots import identical_series, legend_right, save, series_styles
 from mapa_exp.sweeps.results import read_table, series_label, wide  # noqa: E402
 
 ACCOUNTINGS = {
@@ -53,18 +53,21 @@ def draw(table, out: Path) -> Path:
     sns.set_theme(style="whitegrid", font_scale=0.9)
     datasets = sorted(s["dataset"].unique())
     labels = sorted(s["label"].unique())
-    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
+    styles = series_styles(labels)
     accountings = [m for m in ACCOUNTINGS if m in set(s["accounting"])]
-    fig, axes = plt.subplots(len(datasets), len(accountings), figsize=(4.5 * len(accountings), 3.2 * len(datasets)),
+    fig, axes = plt.subplots(len(datasets), len(accountings), figsize=(4.6 * len(accountings), 3.4 * len(datasets)),
                              squeeze=False)
+    same = set()
     for i, ds in enumerate(datasets):
         for j, metric in enumerate(accountings):
             title, factor = ACCOUNTINGS[metric]
             ax, d = axes[i, j], s[(s["dataset"] == ds) & (s["accounting"] == metric)]
-            for lab in labels:
+            for k, lab in enumerate(labels):
                 c = d[d["label"] == lab].sort_values("S")
                 if not c.empty:
-                    ax.plot(c["S"].astype(float), c["passes_per_point"], marker="o", ms=4, label=lab, color=palette[lab])
+                    dodge = 1.05 ** (k - (len(labels) - 1) / 2)  # coinciding series side by side, not hidden
+                    ax.plot(c["S"].astype(float) * dodge, c["passes_per_point"], ms=5, label=lab, **styles[lab])
+            same |= {f"{a} = {b}" for a, b in identical_series(d, "label", "S", "passes_per_point")}
             mapa = d[d["method"].str.startswith("mapa")]
             if not mapa.empty and mapa["n_train"].notna().any() and mapa["batch_size"].notna().any():
                 cap = factor * float(mapa["n_train"].max()) / float(mapa["batch_size"].max())
@@ -75,9 +78,15 @@ def draw(table, out: Path) -> Path:
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             if len(d) and d["passes_per_point"].max() > 10 * d["passes_per_point"].min():
                 ax.set_yscale("log")
-            ax.set_xlabel("S")
-            ax.set_ylabel("forward passes per point")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+            ax.set_xlabel("S (samples per point)")
+            ax.set_ylabel("forward passes per point per step")
             ax.set_title(f"{ds}: {title}")
+    caption = "Forward passes per data point per gradient step (training, mean over runs)"
+    if same:
+        caption += "\nidentical series, drawn side by side: " + "; ".join(sorted(same)) + \
+            " (the VAE and the IWAE both decode S samples per point)"
+    fig.suptitle(caption, fontsize=9)
     legend_right(fig, axes)
     save(fig, out)
     return out
@@ -86,10 +95,10 @@ def draw(table, out: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", type=Path)
-    p.add_argument("-o", "--out", type=Path, default=Path("docs/figures/passes.png"))
+    p.add_argument("-o", "--out", type=Path, default=None, help="default: passes.png beside the table")
     a = p.parse_args(argv)
     try:
-        out = draw(read_table(a.table), a.out)
+        out = draw(read_table(a.table), a.out or a.table.with_name("passes.png"))
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1

@@ -377,14 +377,71 @@ def differences_section(table: pd.DataFrame) -> str:
 
 def write_report(tables: list[Path], out: Path, figures: Path) -> Path:
     table = pd.concat([read_table(t) for t in tables], ignore_index=True)
+    return _write(table, tables, out, figures)[0]
+
+
+def _write(table: pd.DataFrame, tables: list[Path], out: Path, figures: Path) -> tuple[Path, dict]:
     report_dir = out.parent
     select_by = selection_metric(table)
     density_md, density = density_section(table, select_by, figures, report_dir)
     passes_md, passes = passes_section(table, figures, report_dir)
+    claims_md = claims_section(density, passes)
     parts = [header(table, tables), scale_section(table), selection_section(select_by), runs_section(table),
-             density_md, claims_section(density, passes), evaluators_section(table), bandwidth_section(table, select_by),
+             density_md, claims_md, evaluators_section(table), bandwidth_section(table, select_by),
              bounds_section(table), passes_md, differences_section(table)]
-    atomic_write_text(out, "\n".join(p.rstrip("\n") + "\n" for p in parts if p))
+    text = "\n".join(p.rstrip("\n") + "\n" for p in parts if p)
+    atomic_write_text(out, text)
+    return out, {"text": text, "figures": sorted(figures.glob("*.png")) if figures.exists() else []}
+
+
+def log_to_wandb(tables: list[Path], out: Path, written: dict, project: str, group: str | None,
+                 offline: bool | None) -> str:
+    """The sweep's summary run on W&B (``job_type=report``, the sweep's group): the report's figures as images,
+    each markdown table of the report as a ``wandb.Table``, the report itself, and the tidy tables as an
+    artifact. Returns the run's id."""
+    import wandb
+
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") == "offline" or not os.environ.get("WANDB_API_KEY")
+    run = wandb.init(project=project, group=group, job_type="report", name=f"report {group or ''}".strip(),
+                     dir=str(out.parent), mode="offline" if offline else "online", reinit="create_new",
+                     settings=wandb.Settings(console="off", silent=True))
+    run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in written["figures"]})
+    for name, frame in markdown_tables(written["text"]).items():
+        run.log({f"tables/{name}": wandb.Table(dataframe=frame)})
+    run.log({"report": wandb.Html(f"<pre>{written['text']}</pre>")})
+    artifact = wandb.Artifact("tidy-results", type="dataset", description="scripts/collect.py tables of the sweep")
+    for t in tables:
+        artifact.add_file(str(t))
+    run.log_artifact(artifact)
+    run_id = run.id
+    run.finish()
+    return run_id
+
+
+def markdown_tables(text: str) -> dict[str, pd.DataFrame]:
+    """Every table of a markdown text, named after the heading above it (``density figure8``, ...)."""
+    out, heading, rows = {}, "report", []
+
+    def flush():
+        if len(rows) >= 2:
+            cols = [c.strip() for c in rows[0].strip("|").split("|")]
+            data = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+            name, k = heading, 2
+            while name in out:
+                name, k = f"{heading} {k}", k + 1
+            out[name] = pd.DataFrame(data, columns=cols)
+        rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("#"):
+            flush()
+            heading = line.lstrip("#").strip().lower().replace("(", "").replace(")", "")[:60]
+        elif line.startswith("|"):
+            rows.append(line)
+        else:
+            flush()
+    flush()
     return out
 
 
@@ -393,15 +450,39 @@ def main(argv=None) -> int:
     p.add_argument("tables", nargs="+", type=Path, help="tidy tables (.parquet or .csv) from scripts/collect.py")
     p.add_argument("-o", "--out", type=Path, default=None, help="default: REPORT.md beside the first table")
     p.add_argument("--figures", type=Path, default=None, help="figure folder (default: <report folder>/figures)")
+    p.add_argument("--wandb", action="store_true", help="also log a summary run (job_type=report) to W&B")
+    p.add_argument("--wandb-project", default="mapa-exp")
+    p.add_argument("--wandb-group", default=None, help="default: the runs' own W&B group (their config.yaml)")
     a = p.parse_args(argv)
     missing = [str(t) for t in a.tables if not t.exists()]
     if missing:
         print(f"error: tables={missing}: no such file", file=sys.stderr)
         return 2
     out = a.out or a.tables[0].parent / "REPORT.md"
-    out = write_report(a.tables, out, a.figures or out.parent / "figures")
+    table = pd.concat([read_table(t) for t in a.tables], ignore_index=True)
+    out, written = _write(table, a.tables, out, a.figures or out.parent / "figures")
     print(f"wrote {out}")
+    if a.wandb:
+        group = a.wandb_group or runs_wandb_group(table)
+        run_id = log_to_wandb(a.tables, out, written, a.wandb_project, group, None)
+        print(f"logged the summary run {run_id} (group {group}) to W&B")
     return 0
+
+
+def runs_wandb_group(table: pd.DataFrame) -> str | None:
+    """The W&B group the sweep's runs logged to (their resolved config.yaml), else the sweep folder's name."""
+    import yaml
+
+    for run_dir in table["run_dir"].dropna().unique()[:50]:
+        try:
+            cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        group = ((cfg.get("logger") or {}).get("wandb") or {}).get("group")
+        if group:
+            return group
+    sweeps = table["sweep"].dropna().unique()
+    return Path(sweeps[0]).name if len(sweeps) else None
 
 
 if __name__ == "__main__":

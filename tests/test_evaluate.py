@@ -82,7 +82,7 @@ def test_mapa_prior_is_recovered_before_scoring(runs):
 def test_sweep_evaluation_writes_every_eval_json_and_a_summary(runs, cache_dir):
     folder = runs["vae"].parent
     counts = evaluate_sweep(folder, {"quadrature": QuadratureEstimator(J_1d=1000)}, cache_dir=str(cache_dir))
-    assert counts == {"evaluated": 2, "skipped": 0, "failed": 0}
+    assert counts == {"evaluated": 2, "already": 0, "skipped": 0, "failed": 0}
     assert all((p / "eval.json").exists() for p in runs.values())
     assert (folder / "summary.csv").exists()
 
@@ -116,6 +116,7 @@ def test_run_without_checkpoint_gives_one_line(runs, tmp_path):
     assert "has no checkpoints/last.ckpt" in p.stderr
 
 
+@pytest.mark.slow
 def test_quadrature_with_latent_dim_three_gives_one_line(tmp_path, cache_dir):
     (tmp_path / "confs" / "dataset").mkdir(parents=True)
     (tmp_path / "shapes3.py").write_text("import torch\ndef f(z):\n    return torch.stack([z.sum(-1), (z**2).sum(-1)], -1)\n")

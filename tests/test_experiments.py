@@ -57,7 +57,7 @@ def test_experiment_grid_and_folders(name, tmp_path, cache_dir):
     # sweeps are named after the experiment; each job's folder after its number and what varies
     assert f"/multiruns/{name}/" in cfg.hydra.sweep.dir
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
-    assert subdir.startswith("${hydra.job.num}_${dataset.name}_${method.name}")  # stable across requeues
+    assert subdir.startswith("${mapa_num:${hydra.job.num}}_${dataset.name}_${method.name}")  # stable across requeues
     assert list(cfg.tags) == [name]
     if name.endswith("_smoke"):
         assert (cfg.trainer.max_epochs, cfg.dataset.n_train) == (2, 200)
@@ -125,6 +125,7 @@ def test_smoke_experiment_first_job_trains(name, tmp_path, cache_dir):
     assert math.isfinite(res["val_bound"])
 
 
+@pytest.mark.slow
 def test_joblib_sweep_then_collect_then_report(tmp_path, cache_dir):
     """`python train.py -m experiment=paper_passes_smoke hydra/launcher=joblib`, then collect.py and report.py."""
     env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "outputs"), "MAPA_EXP_CACHE": str(cache_dir), "MPLBACKEND": "Agg"}
@@ -133,10 +134,10 @@ def test_joblib_sweep_then_collect_then_report(tmp_path, cache_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multiruns" / "paper_passes_smoke").iterdir()
     runs = sorted(d.name for d in sweep.iterdir() if d.is_dir())
-    assert runs == ["0_spiral_iwae_S1_Kf0.5", "1_spiral_iwae_S10_Kf0.5", "2_spiral_mapa_S1_Kf0.5", "3_spiral_mapa_S10_Kf0.5"]
+    assert runs == ["0000_spiral_iwae_S1_Kf0.5", "0001_spiral_iwae_S10_Kf0.5", "0002_spiral_mapa_S1_Kf0.5", "0003_spiral_mapa_S10_Kf0.5"]
     results = {r: json.loads((sweep / r / "results.json").read_text()) for r in runs}
     assert {r["status"] for r in results.values()} == {"completed"}
-    assert (results["3_spiral_mapa_S10_Kf0.5"]["K"], results["2_spiral_mapa_S1_Kf0.5"]["K"]) == (5, 1)
+    assert (results["0003_spiral_mapa_S10_Kf0.5"]["K"], results["0002_spiral_mapa_S1_Kf0.5"]["K"]) == (5, 1)
 
     p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
@@ -144,8 +145,8 @@ def test_joblib_sweep_then_collect_then_report(tmp_path, cache_dir):
     table = read_table(sweep / "tidy.parquet")
     assert table["run_dir"].nunique() == 4 and set(table["status"]) == {"completed"}
     ppd = table[table["metric"] == "passes_per_point_decoder"].set_index("run")["value"]
-    assert ppd["0_spiral_iwae_S1_Kf0.5"] == 1.0 and ppd["1_spiral_iwae_S10_Kf0.5"] == 10.0  # IWAE: S per point
-    assert ppd["3_spiral_mapa_S10_Kf0.5"] <= 200 / 100  # MAPA: at most N/B
+    assert ppd["0000_spiral_iwae_S1_Kf0.5"] == 1.0 and ppd["0001_spiral_iwae_S10_Kf0.5"] == 10.0  # IWAE: S per point
+    assert ppd["0003_spiral_mapa_S10_Kf0.5"] <= 200 / 100  # MAPA: at most N/B
 
     out = tmp_path / "docs" / "REPORT.md"
     p = subprocess.run([sys.executable, "scripts/report.py", str(sweep / "tidy.parquet"), "-o", str(out)], cwd=ROOT,

@@ -88,6 +88,7 @@ def test_bernoulli_ground_truth(tmp_path):
     assert set(x.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 def test_user_ground_truth_from_a_config_outside_the_package(tmp_path):
     """A sixth truth: a callable in the user's own module and a config in the user's own folder."""
     (tmp_path / "my_shapes.py").write_text(textwrap.dedent("""

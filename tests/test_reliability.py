@@ -200,6 +200,28 @@ def test_sigterm_stops_after_a_checkpoint_and_rerun_equals_an_uninterrupted_run(
     assert_same_run(run_dir, reference["iwae"])
 
 
+@pytest.mark.slow
+def test_sigint_interrupts_after_a_checkpoint_and_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
+    """Ctrl-C: finish the epoch, checkpoint, exit 130 with status interrupted (not failed); resume exactly."""
+    run_dir = tmp_path / "run"
+    args = [*RESUMABLE, "method=mapa", *fault("slow", "SlowEpochs", seconds=0.1), f"hydra.run.dir={run_dir}"]
+    # SIGINT as the shell's Ctrl-C would deliver it, also when this test runs with SIGINT ignored (nohup, &)
+    proc = cli(args, cache_dir, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    res = results(run_dir)
+    assert res["status"] == "interrupted" and res["signal"] == signal.SIGINT and "rerun" in res["reason"]
+    assert checkpoint(run_dir)["epoch"] == res["epochs"] - 1 < 11
+
+    again = run_cli(args, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert results(run_dir)["resumed_from_epoch"] == res["epochs"]
+    assert_same_run(run_dir, reference["mapa"])
+
+
 def test_two_preemptions_by_sigusr2_then_completion_equal_an_uninterrupted_run(tmp_path, cache_dir, reference):
     """In-process: SIGUSR2 at epoch 2, then again at epoch 7 of the resumed run; the third attempt completes."""
     run_dir = tmp_path / "run"
@@ -312,6 +334,7 @@ def test_checkpoint_is_plain_data_and_resume_loads_it_weights_only(tmp_path, cac
 SECRET = "fake0secret0key0" + "3f9a1c7e5b2d4f6a8c0e" * 2
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_any_file_of_the_run_folder(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     p = run_cli([*FAST_NAN, "logger=wandb", f"hydra.run.dir={run_dir}"], cache_dir,

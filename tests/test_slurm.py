@@ -75,7 +75,7 @@ def test_two_job_smoke_sweep_through_submitit(slurm_cluster, tmp_path):
                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = sorted(d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
-    assert [r.name for r in runs] == ["0_spiral_mapa_h0.005_seed0_draw0", "1_spiral_mapa_h0.02_seed0_draw0"]
+    assert [r.name for r in runs] == ["0000_spiral_mapa_h0.005_seed0_draw0", "0001_spiral_mapa_h0.02_seed0_draw0"]
     for i, run in enumerate(runs):
         res = _results(run)
         assert res["status"] == "completed" and res["epochs"] == 2
@@ -95,10 +95,10 @@ def test_stacked_sweep_runs_each_stack_as_one_array_task(slurm_cluster, tmp_path
                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "stacks")
-    assert runs == ["0_spiral_mapa_h0.005_seed0_draw0", "1_spiral_mapa_h0.005_seed1_draw0",
-                    "2_spiral_mapa_h0.02_seed0_draw0", "3_spiral_mapa_h0.02_seed1_draw0"]
+    assert runs == ["0000_spiral_mapa_h0.005_seed0_draw0", "0001_spiral_mapa_h0.005_seed1_draw0",
+                    "0002_spiral_mapa_h0.02_seed0_draw0", "0003_spiral_mapa_h0.02_seed1_draw0"]
     stacks = sorted((sweep / "stacks").iterdir())
-    assert [s.name for s in stacks] == ["0_spiral_mapa", "1_spiral_mapa"]
+    assert [s.name for s in stacks] == ["0000_spiral_mapa", "0001_spiral_mapa"]
     for i, stack in enumerate(stacks):
         job_id = _job_id(stack)
         assert re.fullmatch(rf"\d+_{i}", job_id), job_id  # task i of one array
@@ -122,8 +122,8 @@ def test_preempted_job_requeues_into_its_own_folder_and_resumes(slurm_cluster, t
                                f"seed={seeds}", f"stack={stacked}", f"trainer.max_epochs={epochs}", *LAUNCHER,
                                f"hydra.sweep.dir={sweep}"],
                               cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    runs = [sweep / "0_spiral_mapa_h0.01_seed0_draw0", sweep / "1_spiral_mapa_h0.01_seed1_draw0"][:2 if stacked else 1]
-    job_dir = sweep / "stacks" / "0_spiral_mapa" if stacked else runs[0]
+    runs = [sweep / "0000_spiral_mapa_h0.01_seed0_draw0", sweep / "0001_spiral_mapa_h0.01_seed1_draw0"][:2 if stacked else 1]
+    job_dir = sweep / "stacks" / "0000_spiral_mapa" if stacked else runs[0]
     try:
         deadline = time.time() + 240
         while not all(_results(r).get("status") == "running" and (r / "metrics.csv").exists() for r in runs):
@@ -161,7 +161,7 @@ def test_scontrol_requeue_resumes_in_its_own_folder_with_the_same_wandb_run(slur
     master = subprocess.Popen([sys.executable, "train.py", "-m", "experiment=bandwidth_smoke", "method.bandwidth=0.01",
                                f"trainer.max_epochs={epochs}", "logger=wandb", *LAUNCHER, f"hydra.sweep.dir={sweep}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = sweep / "0_spiral_mapa_h0.01_seed0_draw0"
+    run = sweep / "0000_spiral_mapa_h0.01_seed0_draw0"
     try:
         deadline = time.time() + 240
         # mid-training: a checkpoint written, and W&B's first 32 KiB block (with the run record) on disk --

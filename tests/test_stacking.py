@@ -54,7 +54,7 @@ def stacked_smoke_sweep(tmp_path_factory, cache_dir):
 def test_stacked_sweep_gives_one_run_folder_per_member(stacked_smoke_sweep):
     sweep = stacked_smoke_sweep
     members = sorted(d.name for d in sweep.iterdir() if d.is_dir() and d.name != "stacks")
-    assert members == sorted(f"{i}_spiral_{m}_S2_seed{s}_draw{d}" for i, (m, s, d) in enumerate(
+    assert members == sorted(f"{i:04d}_spiral_{m}_S2_Kf0.5_seed{s}_draw{d}" for i, (m, s, d) in enumerate(
         (m, s, d) for m in METHODS for s in (0, 1) for d in (0, 1)))  # the folders of the unstacked sweep
     for name in members:
         run = sweep / name
@@ -75,7 +75,7 @@ def test_stacked_sweep_gives_one_run_folder_per_member(stacked_smoke_sweep):
 @pytest.mark.parametrize("method", METHODS)
 def test_a_member_equals_the_same_run_trained_alone(stacked_smoke_sweep, method, tmp_path, cache_dir):
     """seed 1, draw 1 of each stack, trained alone: the same final bounds to 1e-5 nats per point."""
-    (member,) = stacked_smoke_sweep.glob(f"*_spiral_{method}_S2_seed1_draw1")
+    (member,) = stacked_smoke_sweep.glob(f"*_spiral_{method}_S2_Kf0.5_seed1_draw1")
     alone = run_training(compose_cfg([*SMOKE, f"method={method}", "method.S=2", "seed=1", "dataset.draw=1"],
                                      tmp_path / "alone", cache_dir))
     stacked = results(member)
@@ -108,18 +108,19 @@ def test_skip_batch_skips_one_members_step_only(tmp_path, cache_dir):
     assert [r["skipped_batches"] for r in res] == [0, 2, 0, 0]
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_stacked_job_then_rerun_resumes_to_equal_bounds(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     args = ["-m", *RESUMABLE, "method=mapa", "seed=0,1", "dataset.draw=0,1", "stack=true", "evaluate=false",
             *fault("slow", "SlowEpochs", seconds=0.1), f"hydra.sweep.dir={sweep}"]
     proc = cli(args, cache_dir)
-    wait_for(sweep / "stacks" / "0_spiral_mapa" / "checkpoints" / "last.ckpt", proc)
+    wait_for(sweep / "stacks" / "0000_spiral_mapa" / "checkpoints" / "last.ckpt", proc)
     proc.kill()
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     runs = sorted(d for d in sweep.iterdir() if d.is_dir() and d.name != "stacks")
     assert len(runs) == 4 and all(results(r)["status"] == "running" for r in runs)
-    killed_at = load_checkpoint_safely(sweep / "stacks" / "0_spiral_mapa" / "checkpoints" / "last.ckpt")["epoch"]
+    killed_at = load_checkpoint_safely(sweep / "stacks" / "0000_spiral_mapa" / "checkpoints" / "last.ckpt")["epoch"]
     assert killed_at < 11
 
     again = run_cli(args, cache_dir)

@@ -93,8 +93,8 @@ def _cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
 
 def test_unknown_method_lists_the_available_ones(tmp_path):
     p = _cli("method=nonexistent", tmp_path=tmp_path)
-    assert p.returncode != 0
-    assert "Could not find 'method/nonexistent'" in p.stderr
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("error: method='nonexistent': no such option; available: ")
     for m in METHODS:
         assert m in p.stderr
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mapa_exp.errors import ConfigError, check
-from mapa_exp.io import ArrayCache, content_key
+from mapa_exp.io import ArrayCache, content_key, progress
 from mapa_exp.nets import MLP
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def fit_surrogate(net: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, cfg: d
     steps = int(cfg["steps"])
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
+    for _ in progress(range(steps), f"fitting the ground truth's surrogate ({steps} steps)"):
         opt.zero_grad(set_to_none=True)
         loss = (net(z) - y).pow(2).sum(-1).mean()
         loss.backward()

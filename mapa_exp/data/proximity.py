@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mapa_exp.errors import check
+from mapa_exp.io import progress
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _brute(ref, qry, M, metric, self_query):
     ref_sq = ref.pow(2).sum(1) if metric == "sqeuclidean" else ref.sum(1)  # (N,)
     idx_out = np.empty((Nq, M), dtype=np.int64)
     dist_out = np.empty((Nq, M), dtype=np.float32)
-    for start in range(0, Nq, chunk):
+    for start in progress(range(0, Nq, chunk), "nearest neighbours (chunks)"):
         stop = min(start + chunk, Nq)
         d = _pairwise(qry[start:stop], ref, ref_sq, metric)  # (c, N)
         if self_query:

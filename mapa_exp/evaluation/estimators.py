@@ -27,6 +27,7 @@ class GenerativeModel:
     likelihood: object
     latent_dim: int
     prior: object  # StandardNormalPrior | MixturePrior: log_prob, sample, quadrature_grid
+    copula: object = None  # the recovered map h (CopulaPrior1D) when decode = f ∘ h
 
 
 def recovered_model(decoder, likelihood, codes: torch.Tensor, tail_knots: int = 10, n_components: int = 10,
@@ -40,7 +41,7 @@ def recovered_model(decoder, likelihood, codes: torch.Tensor, tail_knots: int = 
     if Dz == 1:
         copula = CopulaPrior1D.fit(codes[:, 0].double(), tail_knots=tail_knots, bins=bins)
         decode = compose_decoder(lambda z: decoder(z.to(torch.get_default_dtype())), copula)
-        return GenerativeModel(decode, likelihood, 1, StandardNormalPrior(1))
+        return GenerativeModel(decode, likelihood, 1, StandardNormalPrior(1), copula)
     prior = MixturePrior.fit(codes.double(), n_components=n_components, seed=seed)
     return GenerativeModel(lambda z: decoder(z.to(torch.get_default_dtype())), likelihood, Dz, prior)
 

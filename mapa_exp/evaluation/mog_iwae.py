@@ -54,6 +54,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from mapa_exp.io import progress
 from mapa_exp.math.bounds import iwae_bound, log_normal_diag, log_normal_std
 
 ESTIMATORS = ("stl", "standard")
@@ -183,7 +184,7 @@ def fit_mog_iwae(
     N = x_train.shape[0]
     order, pos = torch.randperm(N, generator=gen, device=device), 0
     history = torch.empty(steps, dtype=torch.float64)
-    for step in range(steps):
+    for step in progress(range(steps), f"fitting the mixture IWAE's q ({steps} steps)"):
         if pos + batch_size > N and pos > 0:
             order, pos = torch.randperm(N, generator=gen, device=device), 0
         xb = x_train[order[pos : pos + batch_size]]  # (B, Dx)

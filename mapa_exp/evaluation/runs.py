@@ -41,6 +41,7 @@ def read_run_files(path: str | Path, key: str = "run") -> tuple[Path, DictConfig
     path = Path(path).expanduser().resolve()
     check(path.is_dir(), key, str(path), "is not a folder")
     results_file, cfg_file = path / "results.json", path / "config.yaml"
+    check(results_file.exists() or not find_runs(path), key, str(path), "is a sweep folder; use sweep=<folder>")
     check(results_file.exists() and cfg_file.exists(), key, str(path), "is not a training run folder (no results.json/config.yaml)")
     results = json.loads(results_file.read_text())
     check(results.get("status") == "completed", key, str(path),

@@ -3,9 +3,10 @@
 * ``StackCheckpoint`` -- ``checkpoints/last.ckpt`` of the job (all its members), written atomically every
   ``every_n_epochs`` epochs, at the last epoch, and whenever training is about to stop early (a signal, every
   member failed): a rerun resumes exactly from any of them.
-* ``StopOnSignal`` -- on SIGTERM or SIGUSR2 (how SLURM preempts) finish the current epoch, let the
-  epoch-end checkpoint be written, and stop; ``run_job`` then reports ``status: preempted`` for every
-  unfinished member and a rerun of the same command in the same folder resumes exactly.
+* ``StopOnSignal`` -- on SIGTERM or SIGUSR2 (how SLURM preempts), or SIGINT (Ctrl-C), finish the current
+  epoch, let the epoch-end checkpoint be written, and stop; ``run_job`` then reports ``status: preempted``
+  (``interrupted`` for SIGINT) for every unfinished member and a rerun of the same command in the same folder
+  resumes exactly.
 * ``MemberLogging`` -- writes the per-member metrics the module hands out (``on_member_metrics``) as rows
   into each member's loggers (``mapa_exp.runs.loggers``), and gets them to disk before every checkpoint, so
   a run killed outright keeps the rows its last checkpoint covers.
@@ -54,18 +55,23 @@ class StackCheckpoint(Checkpoint):
 class StopOnSignal(Callback):
     """On one of ``signals``, stop at the end of the current epoch, after its checkpoint is written.
 
-    The handlers replace Lightning's SIGTERM handler for the duration of training (Lightning would stop
-    mid-epoch, where a resume cannot be exact); ``received`` holds the signal number afterwards.
+    The handlers replace Lightning's SIGTERM handler and Python's SIGINT handler (Ctrl-C) for the duration of
+    training (stopping mid-epoch, a resume could not be exact); ``received`` holds the signal number
+    afterwards. A second Ctrl-C while the epoch finishes stops at once (KeyboardInterrupt): the run is then
+    ``interrupted`` and resumes from its previous checkpoint.
     """
 
-    def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR2")):
+    def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR2", "SIGINT")):
         self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
         self.received: int | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the epoch
         if self.received is None:
-            log.warning("received %s: stopping after this epoch's checkpoint", signal.Signals(signum).name)
+            log.warning("received %s: stopping after this epoch's checkpoint%s", signal.Signals(signum).name,
+                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning installs its own handlers

@@ -21,7 +21,36 @@ log = logging.getLogger(__name__)
 FIRST_COLUMNS = ("epoch", "step")
 
 
-class MetricsCSV:
+class MemberLogger:
+    """What the training job hands a member's loggers; a logger keeps what it can (every method is optional)."""
+
+    def log_hyperparams(self, config: dict) -> None:
+        pass
+
+    def log_metrics(self, row: dict) -> None:
+        pass
+
+    def log_summary(self, values: dict) -> None:
+        """Final numbers (results.json's, the evaluation's) as the run's summary."""
+
+    def log_images(self, figures: dict, step: int) -> None:
+        """matplotlib figures by name."""
+
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    @property
+    def takes_pictures(self) -> bool:
+        return False
+
+    def save(self) -> None:
+        pass
+
+    def finalize(self, status: str) -> None:
+        pass
+
+
+class MetricsCSV(MemberLogger):
     """``metrics.csv``: one row per logging event, one column per metric (blank where a row has none).
 
     Rows are appended at each ``save``; the file is rewritten only when a new column appears. ``keep_epochs``
@@ -39,10 +68,7 @@ class MetricsCSV:
             if len(self.rows) != len(old) or not self.rows:
                 self._rewrite()
 
-    def log_hyperparams(self, config: dict) -> None:  # the run folder has config.yaml
-        pass
-
-    def log_metrics(self, row: dict) -> None:
+    def log_metrics(self, row: dict) -> None:  # (config.yaml, results.json and eval.json hold the rest)
         self.rows.append(row)
 
     def save(self) -> None:
@@ -87,7 +113,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         return [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
 
 
-class WandbRun:
+class WandbRun(MemberLogger):
     """One W&B run (of one member), offline when ``offline`` is true, or, when it is null, whenever no
     ``WANDB_API_KEY`` is set or ``WANDB_MODE`` is ``offline`` (air-gapped clusters; `wandb sync` later).
 
@@ -108,6 +134,7 @@ class WandbRun:
         self.settings = dict(project=project, entity=entity, dir=save_dir, id=id, name=name, group=group,
                              job_type=job_type, tags=list(tags or []), resume=resume,
                              mode="offline" if offline else "online")
+        self.step = 0
         self.run = None
         self.lost = False
 
@@ -130,18 +157,45 @@ class WandbRun:
         import wandb
 
         Path(self.settings["dir"]).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(config=config, reinit="create_new", **self.settings)
+        # console="off": a stack's members share one console (train.log keeps it)
+        self.run = wandb.init(config=config, reinit="create_new", settings=wandb.Settings(console="off", silent=True),
+                              **self.settings)
         self.run.define_metric("trainer/global_step")
         self.run.define_metric("*", step_metric="trainer/global_step")
 
     def log_metrics(self, row: dict) -> None:
+        self.step = row.get("step", self.step)
+        data = {k: v for k, v in row.items() if k != "step"} | {"trainer/global_step": self.step}
+        self._send(lambda run: run.log(data))
+
+    def log_summary(self, values: dict) -> None:
+        self._send(lambda run: run.summary.update({k: v for k, v in values.items() if isinstance(v, (int, float, str))
+                                                    or v is None}))
+
+    def log_images(self, figures: dict, step: int) -> None:
+        import matplotlib.pyplot as plt
+        import wandb
+
+        images = {name: wandb.Image(fig) for name, fig in figures.items()}
+        for fig in figures.values():
+            plt.close(fig)
+        self._send(lambda run: run.log({**images, "trainer/global_step": step}))
+
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        import wandb
+
+        self._send(lambda run: run.log({name: wandb.Table(columns=columns, data=rows),
+                                        "trainer/global_step": self.step}))
+
+    @property
+    def takes_pictures(self) -> bool:
+        return not self.lost
+
+    def _send(self, send) -> None:
         if self.run is None:
             self._guarded(self._start, {})
-        data = {k: v for k, v in row.items() if k != "step"} | {"trainer/global_step": row.get("step", 0)}
-        self._guarded(lambda: self.run.log(data))
-
-    def save(self) -> None:
-        pass
+        if self.run is not None:
+            self._guarded(send, self.run)
 
     def finalize(self, status: str) -> None:
         if self.run is None or self.lost:

@@ -5,8 +5,8 @@ run, or a stack of runs of one configuration that differ in ``seed`` and ``datas
 in one process, and returns each member's results; ``run_training(cfg)`` is the same for a plain run and
 returns its one result. Each member's ``results.json`` is written atomically whatever happens:
 ``status: completed`` with the final bounds and forward-pass counts, ``failed`` with the reason (members
-fail alone: a non-finite loss freezes that member only), or ``preempted`` (SIGTERM/SIGUSR2); a member killed
-outright stays ``running``. Rerun in the same folder(s), a job resumes exactly from its last checkpoint,
+fail alone: a non-finite loss freezes that member only), ``preempted`` (SIGTERM/SIGUSR2) or ``interrupted``
+(SIGINT, Ctrl-C); a member killed outright stays ``running``. Rerun in the same folder(s), a job resumes exactly from its last checkpoint,
 keeping the metrics rows of the epochs already done; completed members are not trained again.
 """
 
@@ -17,6 +17,7 @@ import logging
 import math
 import resource
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mapa_exp.config import validate
 from mapa_exp.errors import ConfigError, check
 from mapa_exp.io import atomic_write_json, atomic_write_text
 from mapa_exp.runs.callbacks import MemberLogging, StopOnSignal
@@ -76,6 +78,16 @@ def _chunk_rows(cfg: DictConfig) -> int | None:
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
     on_gpu = accelerator in ("gpu", "cuda", "mps") or (accelerator == "auto" and torch.cuda.is_available())
     return None if on_gpu else CHUNK_ROWS_CPU
+
+
+def quiet_lightning() -> None:
+    """No banners, tips or warnings that do not apply: Lightning's hardware lines and product tips, its
+    logging-interval and SLURM-srun hints (a pass is one "batch" here; the SLURM launcher needs no srun)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*is smaller than the logging interval.*", ".*The `srun` command is available.*",
+                    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def configure_torch(num_threads: int | None) -> None:
@@ -133,6 +145,7 @@ def run_training(cfg: DictConfig) -> dict:
 
 def run_job(cfg: DictConfig) -> list[dict]:
     """Train the job's members (one run or a stack, see the module doc); returns each member's results."""
+    validate(cfg)  # keys, types, targets, trainer limits (mapa_exp.config): also what `+key=...` added
     check(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be an integer in [0, 2**32)")
     nt = cfg.get("num_threads")
     check(nt is None or (isinstance(nt, int) and nt >= 1), "num_threads", nt, "must be an integer >= 1 or null")
@@ -166,18 +179,73 @@ def run_job(cfg: DictConfig) -> list[dict]:
         outcome = {m.index: dict(status="preempted", signal=int(signal.SIGTERM), reason="SIGTERM received before "
                    "training started; rerun the same command in this folder to resume from the last checkpoint, "
                    "if any") for m in todo}
+    except KeyboardInterrupt:  # Ctrl-C outside the epochs StopOnSignal guards, or a second one
+        outcome = {m.index: dict(status="interrupted", signal=int(signal.SIGINT), reason="interrupted (SIGINT) "
+                   "before an epoch's end; rerun the same command in this folder to resume from the last "
+                   "checkpoint, if any") for m in todo}
     except BaseException as exc:
         cause = config_error(exc) or _root_cause(exc)
         for m in todo:
             results[m.index].update(status="failed", reason=f"{type(cause).__name__}: {cause}")
-        _finish(results, todo, loggers, stack_dir if stacked else None, t0)
+        _write_results(results, todo, stack_dir if stacked else None, t0)
+        _close_loggers(results, todo, loggers)
         raise
     for m in todo:
         results[m.index].update(outcome[m.index])
-    if any(results[m.index]["status"] == "completed" for m in todo):
+    completed = [(e, m) for e, m in enumerate(todo) if results[m.index]["status"] == "completed"]
+    if completed:
         _write_member_checkpoints(stack_dir / "checkpoints" / "last.ckpt", todo, results, stacked)
-    _finish(results, todo, loggers, stack_dir if stacked else None, t0)
+    _write_results(results, todo, stack_dir if stacked else None, t0)
+    try:
+        _dashboards(cfg, fit if completed else None, completed, results, loggers)
+        if cfg.get("evaluate") and completed:  # scored before the loggers close: the numbers join the same runs
+            from mapa_exp.evaluation.evaluate import evaluate_configured
+
+            evaluate_configured([m.run_dir for _, m in completed], cfg,
+                                on_result=lambda path, out, points: _log_evaluation(path, out, points, todo, loggers))
+    finally:
+        _close_loggers(results, todo, loggers)
     return [results.get(m.index) or done[m.index] for m in members]
+
+
+def _dashboards(cfg, fit, completed: list, results: dict, loggers: list[list]) -> None:
+    """Each completed member's results as its dashboard's summary, and its pictures (runs.pictures) for the
+    loggers that take them."""
+    for e, m in completed:
+        group = loggers[e]
+        for lg in group:
+            lg.log_summary(results[m.index])
+        if any(lg.takes_pictures for lg in group):
+            from mapa_exp.runs.pictures import run_pictures
+
+            try:
+                figures = run_pictures(fit.module, e, fit.datamodule, dict(cfg.get("prior_recovery") or {}))
+            except Exception as exc:  # noqa: BLE001 -- a picture must never cost a run
+                log.warning("pictures of %s failed: %s", m.run_dir, exc)
+                continue
+            for lg in group:
+                lg.log_images(figures, int(results[m.index].get("train_steps") or 0))
+
+
+def _log_evaluation(path, out: dict, points: dict, todo: list[Member], loggers: list[list]) -> None:
+    """The evaluation of one member into its loggers: ``eval/...`` summary values and, per estimator, a table
+    of the test points' log-likelihoods under the model and the truth."""
+    e = next(i for i, m in enumerate(todo) if Path(m.run_dir).resolve() == Path(path).resolve())
+    for lg in loggers[e]:
+        lg.log_summary({f"eval/{k}": v for k, v in out["metrics"].items()})
+        for name, cols in points.items():
+            columns = list(cols)
+            lg.log_table(f"eval/test_points_{name}", ["point", *columns],
+                         [[i, *row] for i, row in enumerate(zip(*(cols[c] for c in columns)))])
+
+
+def _close_loggers(results: dict, todo: list[Member], loggers: list[list]) -> None:
+    for m, group in zip(todo, loggers):
+        for lg in group:
+            try:
+                lg.finalize(results[m.index]["status"])
+            except Exception as exc:  # noqa: BLE001 -- never mask the run's own outcome
+                log.warning("closing a logger of %s failed: %s", m.run_dir, exc)
 
 
 class _Resume:
@@ -214,15 +282,9 @@ def _initial_results(m: Member, resume_epoch: int | None, stack_dir: Path | None
     return out
 
 
-def _finish(results: dict, todo: list[Member], loggers: list[list], stack_dir: Path | None, t0: float) -> None:
-    """Close the members' loggers and write their results (and the stack's status)."""
+def _write_results(results: dict, todo: list[Member], stack_dir: Path | None, t0: float) -> None:
+    """Write the members' results (and the stack's status)."""
     wall = time.perf_counter() - t0
-    for m, group in zip(todo, loggers):
-        for lg in group:
-            try:
-                lg.finalize(results[m.index]["status"])
-            except Exception as exc:  # noqa: BLE001 -- never mask the run's own outcome
-                log.warning("closing a logger of %s failed: %s", m.run_dir, exc)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     for m in todo:
         results[m.index].update(wall_time_s=wall, peak_rss_mib=peak)
@@ -230,8 +292,8 @@ def _finish(results: dict, todo: list[Member], loggers: list[list], stack_dir: P
     log.info("results: %s", ", ".join(str(m.run_dir / "results.json") for m in todo))
     if stack_dir is not None:
         statuses = [results[m.index]["status"] for m in todo]
-        worst = next((s for s in ("preempted", "failed", "running") if s in statuses), "completed")
-        extra = {"signal": results[todo[0].index]["signal"]} if worst == "preempted" else {}
+        worst = next((s for s in ("interrupted", "preempted", "failed", "running") if s in statuses), "completed")
+        extra = {"signal": results[todo[0].index]["signal"]} if worst in ("preempted", "interrupted") else {}
         _write_stack_file(stack_dir, worst, todo, wall_time_s=wall, **extra)
 
 
@@ -249,7 +311,7 @@ class _Fit:
 def _fit(cfg: DictConfig, members: list[Member], identities: list[dict], resume: _Resume | None,
          loggers: list[list]) -> _Fit:
     """Build the stack of ``members`` and fit it (from ``resume`` when given)."""
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")  # one "batch" per epoch
+    quiet_lightning()
     configure_torch(cfg.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # only for code outside the members' own streams
     datamodule, module = build(cfg, [m.seed for m in members], [m.draw for m in members])
@@ -296,7 +358,8 @@ def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
     if stop is not None and stop.received is not None and not _training_finished(trainer):
         reason = (f"{signal.Signals(stop.received).name} received; stopped after epoch {trainer.current_epoch} of "
                   f"{trainer.max_epochs} and its checkpoint; rerun the same command in this folder to resume")
-        return {m.index: {"status": "preempted", "signal": int(stop.received), "epochs": trainer.current_epoch,
+        status = "interrupted" if stop.received == signal.SIGINT else "preempted"
+        return {m.index: {"status": status, "signal": int(stop.received), "epochs": trainer.current_epoch,
                           "skipped_batches": skipped[e], "reason": reason} for e, m in enumerate(members)}
     train = module.mean_bounds(dm.eval_batches("train", "final"))["bound"].tolist()
     val = module.mean_bounds(dm.eval_batches("val", "final"))["bound"].tolist()
@@ -339,11 +402,9 @@ def _build_trainer(cfg: DictConfig, callbacks: list, datamodule) -> L.Trainer:
     import re
 
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    node["enable_progress_bar"] = bool(node.get("enable_progress_bar", True)) and sys.stderr.isatty()  # no redraws in logs
     for split in ("train", "val"):
-        limit = node.pop(f"limit_{split}_batches", None)
-        check(limit is None or (isinstance(limit, (int, float)) and limit > 0), f"trainer.limit_{split}_batches",
-              limit, "must be null, an integer >= 1 or a fraction in (0, 1]")
-        datamodule.limits[split] = limit
+        datamodule.limits[split] = node.pop(f"limit_{split}_batches", None)  # checked by mapa_exp.config.check_trainer
     try:
         return hydra.utils.instantiate(node, callbacks=callbacks, logger=False)
     except Exception as exc:

@@ -47,16 +47,69 @@ def posterior_trends_figure(table: pd.DataFrame, title: str, floor: float = 30.0
 def decoders_figure(curves: pd.DataFrame, data: pd.DataFrame, title: str):
     """Each variant's decoder f(z) drawn over the data, coloured by z: columns variant, z, x1, x2."""
     variants = list(curves["variant"].unique())
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.4 * len(variants), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants) + 0.8, 3.4), squeeze=False)
+    points = None
     for ax, v in zip(axes[0], variants):
-        ax.scatter(data["x1"], data["x2"], s=3, c="0.8")
+        ax.scatter(data["x1"], data["x2"], s=3, c="0.8", label="training data")
         c = curves[curves["variant"] == v]
-        ax.scatter(c["x1"], c["x2"], c=c["z"], s=4, cmap="viridis")
+        points = ax.scatter(c["x1"], c["x2"], c=c["z"], s=4, cmap="viridis", label="decoder f(z)")
         ax.set_title(v)
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
         ax.set_aspect("equal")
+    axes[0, 0].legend(fontsize=7, markerscale=3, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
+    if points is not None:
+        fig.colorbar(points, ax=list(axes[0]), label="latent code z (each variant's own)", shrink=0.9)
     return fig
+
+
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+
+
+def series_styles(labels: list[str]) -> dict[str, dict]:
+    """A colour, marker and line style per series label: series that lie on top of each other stay apart."""
+    colours = sns.color_palette("tab10", max(len(labels), 1))
+    return {lab: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)],
+                  "linestyle": LINESTYLES[i % len(LINESTYLES)]} for i, lab in enumerate(labels)}
+
+
+def identical_series(frame: pd.DataFrame, label: str, x: str, y: str) -> list[tuple[str, str]]:
+    """Pairs of series (by ``label``) whose y values are equal at every shared x: one would hide the other."""
+    series = {lab: g.set_index(x)[y] for lab, g in frame.groupby(label)}
+    names = sorted(series)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = series[a].index.intersection(series[b].index)
+            if len(common) and (series[a][common] - series[b][common]).abs().max() <= 1e-9 * max(1.0, series[a][common].abs().max()):
+                out.append((a, b))
+    return out
+
+
+def kl_axis(ax, values) -> str:
+    """A log axis for a test KL when every value is positive, else symlog (linear within the smallest positive
+    value's decade); readable ticks either way. Returns the scale's description for the caption."""
+    import matplotlib.ticker as ticker
+    import numpy as np
+
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    positive = v[v > 0]
+    if len(v) and (v > 0).all():
+        ax.set_yscale("log")
+        lo, hi = positive.min(), positive.max()
+        ax.set_ylim(lo / 1.5, hi * 1.5)
+        if hi / lo < 100:  # within a couple of decades: label 1-2-5 steps too
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        return "log scale"
+    thresh = 10 ** np.floor(np.log10(positive.min())) if len(positive) else 1e-3
+    ax.set_yscale("symlog", linthresh=thresh)
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+    return f"symmetric log scale, linear within ±{thresh:g} (some values are <= 0)"
 
 
 def legend_right(fig, axes) -> None:

@@ -49,10 +49,20 @@ SELECT_BY = ("val_loglik/quadrature", "val_loglik/mog_iwae", "val_bound")  # fir
 
 # -- reading run folders ------------------------------------------------------------------------
 def find_job_folders(sweep: Path) -> list[Path]:
-    """Every run folder at or below ``sweep``: one holding results.json, or a Hydra job folder (``.hydra/``)."""
+    """Every run folder at or below ``sweep``: one holding results.json, or a Hydra job folder (``.hydra/``) --
+    but not a stacked job's own folder (its members are the runs)."""
     found = {p.parent for p in sweep.rglob("results.json")}
-    found |= {p.parent for p in sweep.rglob(".hydra") if p.is_dir() and p.parent != sweep}
+    found |= {p.parent for p in sweep.rglob(".hydra") if p.is_dir() and p.parent != sweep and not _is_stack(p.parent)}
     return sorted(p for p in found if ".submitit" not in p.parts)
+
+
+def _is_stack(folder: Path) -> bool:
+    if (folder / "stack.json").exists():
+        return True
+    try:
+        return "stack_members=" in (folder / ".hydra" / "overrides.yaml").read_text()
+    except OSError:
+        return False
 
 
 def _read_json(path: Path) -> dict | None:
@@ -90,9 +100,10 @@ def _number(v) -> float | None:
 
 def _run_identity(folder: Path, sweep: Path, results: dict | None) -> dict:
     """The run's identity columns, from results.json, else its config.yaml, else Hydra's job config."""
-    cfg = _read_yaml(folder / "config.yaml") or _read_yaml(folder / ".hydra" / "config.yaml")
-    hydra_cfg = _read_yaml(folder / ".hydra" / "hydra.yaml")
     res = results or {}
+    cfg = _read_yaml(folder / "config.yaml") or _read_yaml(folder / ".hydra" / "config.yaml")
+    job = Path(res["stack_dir"]) if res.get("stack_dir") else folder  # a stack's member: its stacked job's Hydra
+    hydra_cfg = _read_yaml(job / ".hydra" / "hydra.yaml")
     ident = {
         "sweep": str(sweep),
         "experiment": _select(hydra_cfg, "hydra.runtime.choices.experiment"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STACK_KEYS = {"seed": "seed", "dataset.draw": "draw"}  # override key -> member field
-STACK_SUBDIR = "stacks/${hydra.job.num}_${dataset.name}_${method.name}"
+STACK_SUBDIR = "stacks/${mapa_num:${hydra.job.num}}_${dataset.name}_${method.name}"
 
 
 @dataclass
@@ -32,7 +32,7 @@ class StackedJob:
                           for m in self.members)
         literal = member_subdir.replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")  # kept unresolved
         return [*self.overrides, *own, f"stack_members=[{listed}]", f"stack_subdir='{literal}'",
-                f"hydra.sweep.subdir={STACK_SUBDIR}"]
+                f"hydra.sweep.subdir='{STACK_SUBDIR}'"]  # quoted: Hydra's grammar wants nested ${} quoted
 
 
 def group_jobs(jobs: list[list[str]], first_num: int = 0) -> list[StackedJob]:

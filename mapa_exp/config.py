@@ -1,0 +1,479 @@
+"""Typed configs: the schemas of the groups a user overrides, and the check of a command line before any job.
+
+Each schema is a dataclass (registered in Hydra's ConfigStore under ``schema/<group>/<name>``): the keys a
+node may have and their types. ``validate(cfg)`` merges every schema'd node of a composed config into its
+schema, so a misspelt key -- also one added with ``+key=...``, which Hydra's struct mode lets through -- and a
+value of the wrong type are refused, as a ``ConfigError`` naming the key and the nearest valid one. Range
+checks (``K >= 1``, ...) stay where the values are used.
+
+``check_command_line(config_name, argv)`` is what ``train.py`` and ``evaluate.py`` call before Hydra runs:
+it parses the overrides, composes the config of the first job (the first value of every sweep), and
+validates it; any problem -- an override Hydra cannot parse, an unknown group option, a key that does not
+exist, a wrong type -- is printed as one line ``error: key=value: reason`` and the process exits with
+status 2 before any run folder is made.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mapa_exp.errors import ConfigError, check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- schemas -----------------------------------------------------------------------------------------
+@dataclass
+class SurrogateConf:
+    fit: bool = True
+    seed: int = 0
+    steps: int = 4000
+    n_fit: int = 4096
+    lr: float = 0.01
+
+
+@dataclass
+class SyntheticDatasetConf:
+    _target_: str = "mapa_exp.data.groundtruth.GroundTruth"
+    name: str = "synthetic"
+    f: Any = None  # any callable f(z), as {_target_: ..., _partial_: true, <its own arguments>}
+    likelihood: Any = None
+    latent_dim: int = 1
+    obs_dim: int = 2
+    n_train: int = 1000
+    n_val: int = 1000
+    n_test: int = 1000
+    draw: int = 0
+    surrogate: SurrogateConf = field(default_factory=SurrogateConf)
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class FileDatasetConf:
+    _target_: str = "mapa_exp.data.files.FileDataset"
+    name: str = "file"
+    path: Optional[str] = None
+    likelihood: Any = None
+    latent_dim: int = 2
+    draw: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    binarize: Optional[float] = None
+
+
+@dataclass
+class DigitsConf:
+    _target_: str = "mapa_exp.data.digits.Digits"
+    name: str = "digits"
+    likelihood: Any = None
+    latent_dim: int = 2
+    draw: int = 0
+    n_val: int = 300
+    n_test: int = 300
+    threshold: int = 8
+
+
+@dataclass
+class GaussianEncoderMethodConf:  # vae, iwae
+    name: str = "vae"
+    K_fraction: Optional[float] = None  # unused: lets a sweep set the MAPA family's K fraction for every method
+    S: int = 1
+    estimator: str = "standard"
+    module: Any = None
+    proposal: Any = None
+
+
+@dataclass
+class MapaFamilyConf:  # what mapa, mapa_gt and mapa_naive share
+    name: str = "mapa"
+    K_fraction: Optional[float] = None
+    K: int = 5
+    S: int = 5
+    module: Any = None
+    proposal: Any = None
+
+
+@dataclass
+class MapaMethodConf(MapaFamilyConf):
+    bandwidth: Optional[float] = None
+    rho: Optional[float] = None
+    uniform_share: float = 0.0
+
+
+@dataclass
+class MapaGtMethodConf(MapaFamilyConf):
+    name: str = "mapa_gt"
+
+
+@dataclass
+class MapaNaiveMethodConf(MapaFamilyConf):
+    name: str = "mapa_naive"
+    seed: int = 0
+
+
+@dataclass
+class DataConf:
+    _target_: str = "mapa_exp.data.datamodule.GroundTruthDataModule"
+    batch_size: int = 100
+    cache_dir: Optional[str] = None
+    neighbors_M: Optional[int] = None
+
+
+@dataclass
+class TrainerConf:
+    """The Trainer options that act on a run here (the module runs its own step loop: e.g. gradient clipping
+    or accumulation would be silently ignored, so they are not accepted)."""
+
+    _target_: str = "lightning.Trainer"
+    default_root_dir: Optional[str] = None
+    accelerator: str = "cpu"
+    devices: Any = 1
+    max_epochs: int = 200
+    max_time: Optional[str] = None
+    check_val_every_n_epoch: int = 10
+    log_every_n_steps: int = 10
+    deterministic: bool = True
+    enable_model_summary: bool = False
+    enable_progress_bar: bool = True
+    num_sanity_val_steps: int = 0
+    limit_train_batches: Any = None  # an int (steps) or a fraction
+    limit_val_batches: Any = None
+
+
+@dataclass
+class QuadratureConf:
+    _target_: str = "mapa_exp.evaluation.estimators.QuadratureEstimator"
+    J_1d: int = 10000
+    J_2d: int = 400
+    rule: str = "uniform"
+    check_convergence: bool = True
+
+
+@dataclass
+class MogIwaeConf:
+    _target_: str = "mapa_exp.evaluation.estimators.MogIwaeEstimator"
+    n_components: int = 10
+    S_train: int = 100
+    S_eval: int = 5000
+    steps: int = 2000
+    batch_size: int = 100
+    lr: float = 3e-3
+    estimator: str = "stl"
+    seed: int = 0
+
+
+@dataclass
+class PriorRecoveryConf:
+    bins: Optional[int] = 8
+    tail_knots: int = 10
+    n_components: int = 10
+    seed: int = 0
+
+
+@dataclass
+class NetRoleConf:
+    hidden: Optional[list[int]] = None  # null: the net's own
+    activation: Optional[str] = None
+
+
+@dataclass
+class NetConf:
+    _target_: str = "mapa_exp.nets.NetSpec"
+    hidden: list[int] = field(default_factory=lambda: [50, 50])
+    activation: str = "leaky_relu"
+    encoder: NetRoleConf = field(default_factory=NetRoleConf)  # the VAE/IWAE encoder or MAPA's g_phi
+    decoder: NetRoleConf = field(default_factory=NetRoleConf)
+
+
+@dataclass
+class RunFlagsConf:
+    """The top-level switches of train.py / evaluate.py (the groups have their own schemas; value ranges such as
+    the seed's are checked where they are used)."""
+
+    seed: Any = 0  # an integer; its range (and a clear line for "abc") is checked where the run starts
+    evaluate: bool = False
+    eval_checkpoint: str = "best"
+    nan_policy: str = "fail"
+    stack: bool = False
+
+
+METHOD_SCHEMAS = {"vae": GaussianEncoderMethodConf, "iwae": GaussianEncoderMethodConf, "mapa": MapaMethodConf,
+                  "mapa_gt": MapaGtMethodConf, "mapa_naive": MapaNaiveMethodConf}
+DATASET_SCHEMAS = {SyntheticDatasetConf._target_: SyntheticDatasetConf, FileDatasetConf._target_: FileDatasetConf,
+                   DigitsConf._target_: DigitsConf}
+ESTIMATOR_SCHEMAS = {QuadratureConf._target_: QuadratureConf, MogIwaeConf._target_: MogIwaeConf}
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    for group, schemas in (("method", {**METHOD_SCHEMAS}),
+                           ("dataset", {"synthetic": SyntheticDatasetConf, "file": FileDatasetConf, "digits": DigitsConf}),
+                           ("data", {"default": DataConf}), ("trainer", {"default": TrainerConf}),
+                           ("net", {"mlp": NetConf}),
+                           ("evaluator", {"quadrature": QuadratureConf, "mog_iwae": MogIwaeConf}),
+                           ("prior_recovery", {"default": PriorRecoveryConf})):
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node, provider="mapa_exp")
+
+
+_register()
+
+
+def schemas_of(cfg: DictConfig) -> list[tuple[str, type]]:
+    """(config path, schema) of every node of ``cfg`` that has one (a user's own method or data set has none)."""
+    out = []
+    method = cfg.get("method")
+    if method is not None and method.get("name") in METHOD_SCHEMAS:
+        out.append(("method", METHOD_SCHEMAS[method.name]))
+    dataset = cfg.get("dataset")
+    if dataset is not None and dataset.get("_target_") in DATASET_SCHEMAS:
+        out.append(("dataset", DATASET_SCHEMAS[dataset._target_]))
+    out.append(("", RunFlagsConf))
+    if cfg.get("data") is not None:
+        out.append(("data", DataConf))
+    if cfg.get("net") is not None and cfg.net.get("_target_") == NetConf._target_:
+        out.append(("net", NetConf))
+    if cfg.get("trainer") is not None:
+        out.append(("trainer", TrainerConf))
+    if cfg.get("prior_recovery") is not None:
+        out.append(("prior_recovery", PriorRecoveryConf))
+    for name, node in (cfg.get("evaluator") or {}).items():
+        if node is not None and node.get("_target_") in ESTIMATOR_SCHEMAS:
+            out.append((f"evaluator.{name}", ESTIMATOR_SCHEMAS[node._target_]))
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse keys a node's schema does not have, values of the wrong type and ``_target_``s that name nothing
+    importable (ConfigError, module doc)."""
+    for path, schema in schemas_of(cfg):
+        node = OmegaConf.select(cfg, path) if path else cfg
+        values = OmegaConf.to_container(node, resolve=False)
+        if not path:  # the top level: only its own switches (the groups are checked on their own)
+            values = {f.name: values[f.name] for f in fields(schema) if f.name in values}
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), values)
+        except OmegaConfBaseException as exc:
+            raise _translate(exc, path, schema, node) from None
+    for path, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
+        _check_target(path, target)
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer)
+    if "eval_checkpoint" in cfg:
+        check(cfg.eval_checkpoint in ("best", "last"), "eval_checkpoint", cfg.eval_checkpoint, "must be best or last")
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """The trainer values the step loop relies on (ranges, not just types: checked before any run folder is touched)."""
+    node = {k: trainer.get(k) for k in ("max_epochs", "max_time", "limit_train_batches", "limit_val_batches")}
+    epochs, max_time = node["max_epochs"], node["max_time"]
+    check(isinstance(epochs, int) and (epochs >= 1 or (epochs == -1 and max_time)), "trainer.max_epochs", epochs,
+          "must be an integer >= 1 (or -1 with a trainer.max_time: training without an end is asked for explicitly)")
+    for split in ("train", "val"):
+        limit = node.get(f"limit_{split}_batches")
+        check(limit is None or (isinstance(limit, (int, float)) and limit > 0), f"trainer.limit_{split}_batches",
+              limit, "must be null, an integer >= 1 or a fraction in (0, 1]")
+
+
+def _targets(node, path: str = ""):
+    """(config path of the node, its ``_target_``) for every node of a plain container that has one."""
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield path, node["_target_"]
+        for key, value in node.items():
+            if key != "hydra":
+                yield from _targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{path}[{i}]")
+
+
+def _check_target(path: str, target: str) -> None:
+    """ConfigError unless ``target`` (an interpolation is left to resolution) names an importable object."""
+    if "${" in target:
+        return
+    import importlib
+
+    parts, obj, i = target.split("."), None, 0
+    for i in range(len(parts), 0, -1):  # the longest importable module prefix, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ImportError:
+            continue
+    missing = obj is None
+    for j, name in enumerate(parts[i:] if not missing else [], start=i):
+        if not hasattr(obj, name):
+            near = difflib.get_close_matches(name, [n for n in dir(obj) if not n.startswith("_")], n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(parts[:j] + [near[0]])}?" if near else ""
+            raise ConfigError(f"{path}._target_" if path else "_target_", target, f"cannot be imported{hint}")
+        obj = getattr(obj, name)
+    if missing:
+        raise ConfigError(f"{path}._target_" if path else "_target_", target, "cannot be imported")
+
+
+_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _field_type(schema: type, dotted: str):
+    """The declared type of a (nested) field, or None."""
+    t = schema
+    for part in dotted.split("."):
+        if not is_dataclass(t):
+            return None
+        f = {f.name: f for f in fields(t)}.get(part)
+        if f is None:
+            return None
+        t = f.type if not isinstance(f.type, str) else eval(f.type, globals())  # noqa: S307 -- our own annotations
+    return t
+
+
+def _keys(schema: type, dotted: str) -> list[str]:
+    """The field names at ``dotted`` (its parent) of a schema."""
+    t = schema
+    for part in [p for p in dotted.split(".")[:-1] if p]:
+        t = _field_type(t, part)
+        if not is_dataclass(t):
+            return []
+    return [f.name for f in fields(t)] if is_dataclass(t) else []
+
+
+def _translate(exc: OmegaConfBaseException, path: str, schema: type, node) -> ConfigError:
+    rel = str(getattr(exc, "full_key", "") or getattr(exc, "key", "") or "")
+    key = f"{path}.{rel}" if rel and path else rel or path
+    if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
+        leaf = rel.split(".")[-1]
+        near = difflib.get_close_matches(leaf, _keys(schema, rel), n=1, cutoff=0.4)
+        value = OmegaConf.select(node, rel, default=None) if rel else None
+        hint = f"; did you mean {'.'.join(([path] if path else []) + rel.split('.')[:-1] + [near[0]])}?" if near else ""
+        return ConfigError(key, value, f"no such key{hint}")
+    t = _field_type(schema, rel)
+    t = getattr(t, "__args__", (t,))[0] if getattr(t, "__origin__", None) is not None else t  # Optional[X] -> X
+    value = getattr(exc, "value", None) if isinstance(exc, ValidationError) else None
+    if value is None:
+        value = OmegaConf.select(node, rel, default=None, throw_on_missing=False) if rel else None
+    return ConfigError(key, value, f"must be {_TYPES.get(t, getattr(t, '__name__', 'of another type'))}")
+
+
+# -- the command line ----------------------------------------------------------------------------------
+SPECIAL_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc",
+                 "--resolve", "--package", "-p", "--version"}
+PATH_FLAGS = {"--config-dir": "dir", "-cd": "dir", "--config-path": "path", "-cp": "path",
+              "--config-name": "name", "-cn": "name", "--experimental-rerun": "rerun"}
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Exit with one line and status 2 if the command line composes a bad config (module doc); else return."""
+    try:
+        _check(config_name, argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check(config_name: str, argv: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides, config_dir, it = [], None, iter(argv)
+    for arg in it:
+        if arg in SPECIAL_FLAGS or arg.startswith(("--cfg=", "--info=")):
+            return  # Hydra's own modes: nothing runs
+        if arg in PATH_FLAGS:
+            value = next(it, None)
+            if PATH_FLAGS[arg] == "dir":
+                config_dir = value
+            elif PATH_FLAGS[arg] in ("path", "name", "rerun"):
+                return  # another primary config: leave it to Hydra
+            continue
+        if arg.startswith("-"):
+            continue  # -m / --multirun and the like
+        overrides.append(arg)
+    parser = OverridesParser.create()
+    first_job = []
+    for text in overrides:
+        try:
+            ov = parser.parse_override(text)
+        except HydraException as exc:
+            key, _, value = text.partition("=")
+            raise ConfigError(key, value, f"cannot be parsed ({str(exc).splitlines()[0]}); quote the value for "
+                              f"Hydra inside the shell's quotes, e.g. \"{key}='{value}'\"") from None
+        if ov.is_hydra_override() and not ov.key_or_group.startswith("hydra/"):
+            continue  # hydra.* keys are Hydra's own
+        if ov.is_sweep_override():
+            try:
+                values = list(ov.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 -- an interval sweep (another sweeper): not checked here
+                continue
+            text = f"{ov.get_key_element()}={values[0]}"
+        first_job.append(text)
+    GlobalHydra.instance().clear()
+    if config_dir:
+        first_job.append(f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]")
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            try:
+                cfg = compose(config_name, overrides=first_job)
+            except Exception as exc:  # noqa: BLE001 -- composition errors come in many types
+                raise _composition_error(exc, config_name, first_job, compose) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+
+
+def _value(override: str):
+    """The value an override sets, as Hydra parses it (5 for "a=5", the text when it cannot be parsed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).value()
+    except Exception:  # noqa: BLE001
+        return override.partition("=")[2]
+
+
+def _composition_error(exc: Exception, config_name: str, overrides: list[str], compose) -> ConfigError:
+    """One line for a Hydra composition error: the override, and the option or key it should have been."""
+    msg = " ".join(str(exc).split())
+    cause = exc.__cause__ or exc.__context__
+    missing = re.search(r"Could not find '([^']+)'", msg)
+    if missing:
+        group, _, option = missing.group(1).rpartition("/")
+        found = re.search(r"Available options[^:]*:(.*?)(?:\n\s*\n|$)", str(exc), re.S)
+        options = []
+        for line in (found.group(1).split("\n") if found else []):
+            if line.strip().startswith("Config search path"):
+                break
+            if line.strip():
+                options.append(line.strip())
+        return ConfigError(group or option, option, "no such option" + (f"; available: {', '.join(options)}" if options else ""))
+    override = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", msg)
+    key = override.group(1) if override else str(getattr(cause, "full_key", "") or "")
+    value = next((_value(o) for o in overrides if o.lstrip("+~").partition("=")[0] == key), None)
+    if isinstance(cause, ValidationError) or "could not be converted" in msg or "Value '" in msg:
+        kind = re.search(r"converted to (\w+)", msg)
+        names = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}
+        return ConfigError(key, value, f"must be {names.get(kind.group(1), kind.group(1)) if kind else 'of another type'}")
+    if key:
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+        try:
+            base = compose(config_name, overrides=rest)
+            node = OmegaConf.select(base, parent) if parent else base
+            keys = list(node.keys()) if isinstance(node, DictConfig) else []
+        except Exception:  # noqa: BLE001
+            keys = []
+        near = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1, cutoff=0.4)
+        hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
+        return ConfigError(key, value, f"no such key{hint}")
+    return ConfigError("overrides", " ".join(overrides), msg.split(". ")[0][:200])

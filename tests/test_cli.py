@@ -1,0 +1,187 @@
+"""The command lines a newcomer types: bad input refused in one line before anything is touched, an
+interrupted sweep evaluation that keeps what it finished and resumes, and the end-of-run lines.
+
+Each bad input runs through the real ``train.py`` / ``evaluate.py`` (a subprocess each, several at a time),
+pointed at a completed and evaluated run folder: the line, the exit status and the bytes of every file of
+that folder are checked, and no new run folder may appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mapa_exp.evaluation.estimators import QuadratureEstimator
+from mapa_exp.evaluation.evaluate import evaluate_run
+from mapa_exp.runs.training import run_training
+from tests.conftest import FAST, ROOT, compose_cfg
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, cache_dir):
+    """A sweep folder with two completed MAPA runs; the first one evaluated (quadrature)."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    runs = []
+    for seed in (0, 1):
+        run_dir = sweep / f"000{seed}_spiral_mapa"
+        assert run_training(compose_cfg([*FAST, f"seed={seed}"], run_dir, cache_dir))["status"] == "completed"
+        runs.append(run_dir)
+    evaluate_run(runs[0], {"quadrature": QuadratureEstimator(J_1d=1000)}, cache_dir=str(cache_dir))
+    return sweep, runs
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+# (id, script, arguments, what the one line must start with after "error: ", a phrase it must hold);
+# {run} and {sweep} are the fixture's folders. Every issue-12 case is here, with more of the same kinds.
+CASES = [
+    ("misspelt trainer key", "train", ["trainer.max_epoch=5"], "trainer.max_epoch=5", "did you mean trainer.max_epochs"),
+    ("misspelt key added with +", "train", ["+method.bandwith=0.02"], "method.bandwith=0.02",
+     "did you mean method.bandwidth"),
+    ("mistyped _target_", "train", ["dataset.f._target_=mapa_exp.data.analytic.spiral_dot"], "dataset.f._target_=",
+     "did you mean mapa_exp.data.analytic.spiral_dots"),
+    ("unquoted ~ in a path", "train", ["dataset=file", "dataset.path=~/data.npz"], "dataset.path=",
+     "quote the value"),
+    ("unbounded training", "train", ["trainer.max_epochs=-1"], "trainer.max_epochs=-1", "max_time"),
+    ("zero epochs", "train", ["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
+    ("S not a number", "train", ["method.S=abc"], "method.S='abc'", "must be an integer"),
+    ("misspelt group", "train", ["datset=spiral"], "datset=", "did you mean dataset"),
+    ("unknown group option", "train", ["method=mapaa"], "method='mapaa'", "available: iwae, mapa"),
+    ("evaluate not a bool", "train", ["evaluate=maybe"], "evaluate='maybe'", "true or false"),
+    ("batch size a word", "train", ["data.batch_size=ten"], "data.batch_size='ten'", "must be an integer"),
+    ("misspelt method key", "train", ["method=vae", "method.estimatr=stl"], "method.estimatr=",
+     "did you mean method.estimator"),
+    ("a Trainer option the step loop ignores", "train", ["+trainer.gradient_clip_val=1.0"],
+     "trainer.gradient_clip_val=", "no such key"),
+    ("n_train not an integer", "train", ["dataset.n_train=1e3"], "dataset.n_train=", "must be an integer"),
+    ("batch limit below zero", "train", ["trainer.limit_train_batches=-2"], "trainer.limit_train_batches=-2",
+     "must be null"),
+    ("sweep= on a run folder", "evaluate", ["sweep={run}"], "sweep=", "is a run folder; use run="),
+    ("run= on a sweep folder", "evaluate", ["run={sweep}"], "run=", "is a sweep folder; use sweep="),
+    ("estimator setting a word", "evaluate", ["run={run}", "evaluator.quadrature.J_1d=many"],
+     "evaluator.quadrature.J_1d='many'", "must be an integer"),
+    ("misspelt estimator key", "evaluate", ["run={run}", "+evaluator.quadrature.J1d=100"],
+     "evaluator.quadrature.J1d=100", "did you mean evaluator.quadrature.J_1d"),
+    ("unknown checkpoint", "evaluate", ["run={run}", "eval_checkpoint=middle"], "eval_checkpoint='middle'",
+     "best or last"),
+]
+
+
+def test_bad_inputs_stop_in_one_line_with_status_2_and_touch_nothing(evaluated, tmp_path, cache_dir):
+    sweep, runs = evaluated
+    before = snapshot(sweep)
+    outputs = tmp_path / "outputs"
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(outputs), "MAPA_EXP_CACHE": str(cache_dir)}
+    procs = []
+    for case in CASES:
+        name, script, args, _, _ = case
+        args = [a.format(run=runs[0], sweep=sweep) for a in args]
+        if script == "train":  # aimed at the completed run's own folder: a resume would rewrite its results.json
+            args.append(f"hydra.run.dir={runs[0]}")
+        procs.append((case, subprocess.Popen([sys.executable, f"{script}.py", *args], cwd=ROOT, env=env, text=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+        if len(procs) % 4 == 0:  # a few at a time: the machine has 2 cores
+            procs[-4][1].wait(timeout=120)
+    for (name, _, _, start, phrase), proc in procs:
+        _, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert len(lines) == 1, (name, err[-2000:])
+        assert lines[0].startswith(f"error: {start}") and phrase in lines[0], (name, lines[0])
+    assert snapshot(sweep) == before  # no results.json, eval.json, checkpoint or log changed
+    assert not outputs.exists() or not any(outputs.rglob("results.json"))  # and no run folder was made
+
+
+def _evaluate(sweep: Path, cache_dir: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(sweep.parent / "outputs"), "MAPA_EXP_CACHE": str(cache_dir)}
+    # the mixture IWAE takes a few seconds a run: long enough to be interrupted between runs
+    return subprocess.Popen([sys.executable, "evaluate.py", f"sweep={sweep}", "evaluator=mog_iwae",
+                             "evaluator.mog_iwae.steps=300", "evaluator.mog_iwae.S_eval=200"], cwd=ROOT, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint, **kw)
+
+
+def default_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the child even when this test runs with SIGINT ignored (nohup, &)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_evaluation_keeps_what_it_finished_and_a_rerun_does_the_rest(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    runs = []
+    for seed in range(4):  # four configurations (K differs), so the sweep evaluates them one by one
+        run_dir = sweep / f"000{seed}_spiral_mapa"
+        cfg = compose_cfg([*FAST, f"seed={seed}", f"method.K={seed + 1}"], run_dir, cache_dir)
+        assert run_training(cfg)["status"] == "completed"
+        runs.append(run_dir)
+    # an earlier evaluation with another estimator: its numbers must survive everything below
+    for run_dir in runs:
+        evaluate_run(run_dir, {"quadrature": QuadratureEstimator(J_1d=1000)}, cache_dir=str(cache_dir))
+    earlier = {r: json.loads((r / "eval.json").read_text())["metrics"] for r in runs}
+
+    proc = _evaluate(sweep, cache_dir)
+    lines = []
+    while not any(line.startswith("[1/4]") for line in lines):  # the first run is done: interrupt the second
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "".join(lines)[-3000:]
+        lines.append(line)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: the runs evaluated so far keep their eval.json")
+    done = [r for r in runs if "test_kl/mog_iwae" in json.loads((r / "eval.json").read_text())["metrics"]]
+    assert 1 <= len(done) < 4
+    for r in runs:  # every eval.json is complete and still holds the earlier metrics
+        saved = json.loads((r / "eval.json").read_text())
+        assert saved["status"] == "completed"
+        assert {k: saved["metrics"][k] for k in earlier[r]} == earlier[r]
+    stamps = {r: (r / "eval.json").stat().st_mtime_ns for r in done}
+
+    again = _evaluate(sweep, cache_dir)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"evaluating {4 - len(done)} of 4 runs ({len(done)} already evaluated" in err
+    assert {r: (r / "eval.json").stat().st_mtime_ns for r in done} == stamps  # not redone
+    for r in runs:
+        saved = json.loads((r / "eval.json").read_text())["metrics"]
+        assert "test_kl/mog_iwae" in saved and "test_kl/quadrature" in saved
+
+
+def test_train_prints_one_summary_line_per_run(tmp_path, cache_dir):
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "outputs"), "MAPA_EXP_CACHE": str(cache_dir)}
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "train.py", *FAST, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    (line,) = [line for line in p.stdout.splitlines() if line.startswith("done: ")]  # beside Hydra's log lines
+    assert line == (f"done: {run_dir}: train bound {res['train_bound']:.4f}, val bound {res['val_bound']:.4f} nats "
+                    f"per point (best validation bound at epoch {res['best_epoch']})")
+
+
+@pytest.mark.slow
+def test_a_200_epoch_run_writes_under_50_kb_of_log_and_console(tmp_path, cache_dir):
+    """Output redirected to a file (no terminal): no progress-bar redraws, banners or tips; train.log and the
+    captured stdout and stderr of a 200-epoch run stay small."""
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "outputs"), "MAPA_EXP_CACHE": str(cache_dir)}
+    run_dir = tmp_path / "run"
+    fast = [o for o in FAST if not o.startswith(("trainer.max_epochs", "trainer.limit_", "trainer.enable_progress"))]
+    with open(tmp_path / "console.txt", "w") as out:
+        p = subprocess.run([sys.executable, "train.py", *fast, "trainer.max_epochs=200", f"hydra.run.dir={run_dir}"],
+                           cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    console = (tmp_path / "console.txt").read_text()
+    assert p.returncode == 0, console[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 200
+    size = (run_dir / "train.log").stat().st_size + (tmp_path / "console.txt").stat().st_size
+    assert size < 50_000, console[-3000:]
+    for noise in ("GPU available", "TPU available", "💡", "Tip:", "LeafSpec", "srun", "\r"):
+        assert noise not in console, noise
