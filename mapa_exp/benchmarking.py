@@ -1,5 +1,6 @@
-"""Helpers of the benchmark scripts (``scripts/bench_*.py``): peak memory of one step, isolated child runs,
-and writing one section of ``docs/benchmarks.md`` without touching the others.
+"""Helpers of the benchmark scripts (``scripts/bench_*.py``): the bare training loop with its time split into
+phases, peak memory of one step, isolated child runs, and writing one section of ``docs/benchmarks.md``
+without touching the others.
 """
 
 from __future__ import annotations
@@ -13,6 +14,69 @@ import sys
 from pathlib import Path
 
 from mapa_exp.io import atomic_write_text
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def bare_epoch(module, optimizer, batches, split: dict | None = None, sync=None) -> dict:
+    """One epoch of the bare training loop -- the module's own ``step``, the backward pass and the optimizer
+    step, nothing of Lightning or ``train.py`` around them -- over ``batches`` (an iterator of the datamodule's
+    batches, e.g. ``datamodule.train_batches()``).
+
+    Returns ``{"seconds", "steps", "points", "passes_encoder", "passes_decoder"}``. With ``split`` (a dict)
+    the time of each phase is added to ``split[phase]``: ``data`` (making the batch: shuffling, for MAPA the
+    tail samples, the union of candidates and its gathers; moving it to the device), ``forward`` (the
+    method's ``step``: networks, likelihoods, bound), ``backward`` and ``optimizer`` (``zero_grad`` and
+    ``step``). ``sync`` (e.g. ``torch.cuda.synchronize``) is called at each phase boundary so that the phases
+    of asynchronous devices are timed, not queued; give it only to a timing pass, it costs time.
+    """
+    import time
+
+    import torch
+
+    from mapa_exp.methods.base import flushed_denormals, take
+
+    clock = time.perf_counter
+    out = {"seconds": 0.0, "steps": 0, "points": 0, "passes_encoder": 0, "passes_decoder": 0}
+    add = (lambda k, dt: split.__setitem__(k, split.get(k, 0.0) + dt)) if split is not None else (lambda k, dt: None)
+    tick = sync or (lambda: None)
+    module.train()
+    start = clock()
+    with flushed_denormals():  # as the training loop does
+        batches = iter(batches)
+        while True:
+            t0 = clock()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            batch = module._to_device(batch)
+            tick()
+            t1 = clock()
+            add("data", t1 - t0)
+            optimizer.zero_grad(set_to_none=True)
+            B = batch["x"].shape[1]
+            for m, pts in module.chunks(batch):
+                t2 = clock()
+                step = module.step(take(batch, m, pts), m)
+                loss = (-step.surrogate.sum(1) / B).sum()
+                tick()
+                t3 = clock()
+                loss.backward()
+                tick()
+                add("forward", t3 - t2)
+                add("backward", clock() - t3)
+                out["passes_encoder"] += int(torch.as_tensor(step.passes_encoder).sum())
+                out["passes_decoder"] += int(torch.as_tensor(step.passes_decoder).sum())
+            t4 = clock()
+            optimizer.step()
+            tick()
+            add("optimizer", clock() - t4)
+            out["steps"] += 1
+            out["points"] += B
+    if sync is not None:
+        sync()
+    out["seconds"] = clock() - start
+    return out
 
 
 def _status_kib(field: str) -> int | None:

@@ -1,4 +1,5 @@
-"""Networks: the one MLP every encoder, decoder, g_phi and ground-truth surrogate is built from, stack-native.
+"""Networks: the one MLP every encoder, decoder, g_phi and ground-truth surrogate is built from, stack-native,
+and ``NetSpec``, which says what shape each role's MLP has (the ``net`` config group).
 
 ``MLP(in_dim, out_dim, hidden, activation, members=E)`` is E independent networks of the same shape in one
 module: all their parameters live in a single tensor ``params`` of shape (E, P), member e's layers are views
@@ -26,6 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mapa_exp.errors import check
 
 # activation -> (in-place function, whether autograd keeps the result it needs for the backward pass)
 ACTIVATIONS = {
@@ -117,3 +120,41 @@ class MemberView(nn.Module):
         stack = self._stack[0]
         return stack._run(x.reshape(1, -1, stack.in_dim), stack.params[self.e : self.e + 1]).reshape(
             *x.shape[:-1], stack.out_dim)
+
+
+ROLES = ("encoder", "decoder")  # "encoder": the VAE/IWAE encoder, or MAPA's g_phi
+
+
+class NetSpec:
+    """The MLP of each role: ``hidden`` and ``activation`` for every network, overridden per role.
+
+    ``NetSpec(hidden=[50, 50], decoder={"hidden": [512, 512, 512]})`` gives the default encoder (or g_phi)
+    and a 3 x 512 decoder. ``spec(in_dim, out_dim, members=E, role="decoder")`` builds the network."""
+
+    def __init__(self, hidden: Sequence[int] = (50, 50), activation: str = "leaky_relu",
+                 encoder: dict | None = None, decoder: dict | None = None):
+        self.default = {"hidden": [int(h) for h in hidden], "activation": activation}
+        self.roles = {}
+        for role, given in (("encoder", encoder), ("decoder", decoder)):
+            given = {k: v for k, v in dict(given or {}).items() if v is not None}
+            unknown = sorted(set(given) - set(self.default))
+            check(not unknown, f"net.{role}.{unknown[0] if unknown else ''}", None, "no such key (hidden, activation)")
+            shape = self.roles[role] = {**self.default, **given}
+            key = f"net.{role}" if given else "net"
+            hidden = [int(h) for h in shape["hidden"]]
+            check(all(h >= 1 for h in hidden), f"{key}.hidden", hidden, "every width must be >= 1")
+            check(shape["activation"] in ACTIVATIONS, f"{key}.activation", shape["activation"],
+                  f"must be one of {sorted(ACTIVATIONS)}")
+
+    def shape(self, role: str | None) -> dict:
+        """``{"hidden": [...], "activation": ...}`` of a role (the default for None)."""
+        if role is not None and role not in self.roles:
+            raise ValueError(f"role={role!r}: must be one of {ROLES}")
+        return self.roles[role] if role is not None else self.default
+
+    def __call__(self, in_dim: int, out_dim: int, members: int | None = None, role: str | None = None) -> MLP:
+        shape = self.shape(role)
+        return MLP(in_dim, out_dim, hidden=shape["hidden"], activation=shape["activation"], members=members)
+
+    def __repr__(self) -> str:
+        return f"NetSpec(encoder={self.roles['encoder']}, decoder={self.roles['decoder']})"

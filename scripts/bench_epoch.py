@@ -60,24 +60,14 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
 
 
 def run_epoch(c: dict) -> None:
-    """One epoch of the bare loop: the module's own step, backward and optimizer step, nothing else."""
-    from mapa_exp.methods.base import flushed_denormals, take
+    """One epoch of the bare loop (mapa_exp.benchmarking.bare_epoch): the module's own step, backward and
+    optimizer step, nothing else."""
+    from mapa_exp.benchmarking import bare_epoch
 
-    module, opt = c["module"], c["optimizer"]
-    module.train()
-    t0 = time.perf_counter()
-    with flushed_denormals():  # as the training loop does
-        for batch in c["data"].train_batches():
-            opt.zero_grad(set_to_none=True)
-            B = batch["x"].shape[1]
-            for m, pts in module.chunks(batch):
-                out = module.step(take(batch, m, pts), m)
-                (-out.surrogate.sum(1) / B).sum().backward()
-                c["passes_encoder"] += int(torch.as_tensor(out.passes_encoder).sum())
-                c["passes_decoder"] += int(torch.as_tensor(out.passes_decoder).sum())
-            c["points"] += B
-            opt.step()
-    c["times"].append(time.perf_counter() - t0)
+    done = bare_epoch(c["module"], c["optimizer"], c["data"].train_batches())
+    c["times"].append(done["seconds"])
+    for k in ("passes_encoder", "passes_decoder", "points"):
+        c[k] += done[k]
 
 
 def train_py_step_s(c: dict, args, repeats: int = 3, epochs: tuple[int, int] = (10, 40)) -> float:

@@ -133,3 +133,25 @@ def test_best_checkpoint_is_the_run_stopped_at_its_best_validation_epoch(tmp_pat
     for net in ("encoder", "decoder"):
         assert torch.equal(a[f"{net}.params"], b[f"{net}.params"])
     assert res["val_bound"] != short["val_bound"] or res["best_epoch"] == 8  # last and best differ here
+
+
+@pytest.mark.parametrize("method, encoder_out", [("iwae", 2), ("mapa", 1)])
+def test_each_role_gets_its_own_network_shape(method, encoder_out, tmp_path, cache_dir):
+    """net.decoder.* widens the decoder only; the encoder (or g_phi) keeps the net's own 2 x 50."""
+    from mapa_exp.runs.training import build
+
+    cfg = compose_cfg(["dataset=figure8", f"method={method}", *FAST, "net.decoder.hidden=[64,64,64]",
+                       "net.encoder.activation=tanh"], tmp_path / "r", cache_dir)
+    _, module = build(cfg)
+    assert module.decoder.shapes == [(1, 64), (64, 64), (64, 64), (64, 2)]
+    assert module.decoder.activation == "leaky_relu"
+    assert module.encoder.shapes == [(2, 50), (50, 50), (50, encoder_out)] and module.encoder.activation == "tanh"
+    assert module.decoder.params.shape == (1, 1 * 64 + 64 + 2 * (64 * 64 + 64) + 64 * 2 + 2)
+    default = build(compose_cfg(["dataset=figure8", f"method={method}", *FAST], tmp_path / "d", cache_dir))[1]
+    assert default.decoder.shapes == [(1, 50), (50, 50), (50, 2)]  # the paper's network by default
+
+
+def test_a_bad_role_width_is_one_line(tmp_path, cache_dir):
+    cfg = compose_cfg(["dataset=figure8", "method=vae", *FAST, "net.decoder.hidden=[64,0]"], tmp_path / "r", cache_dir)
+    with pytest.raises(Exception, match=r"net.decoder.hidden=\[64, 0\]: every width must be >= 1"):
+        run_training(cfg)

@@ -46,7 +46,7 @@ import lightning as L
 import torch
 
 from mapa_exp.errors import ConfigError, check
-from mapa_exp.nets import MLP
+from mapa_exp.nets import MLP, NetSpec
 from mapa_exp.seeding import generators
 
 NAN_POLICIES = ("fail", "skip_batch")
@@ -114,7 +114,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         latent_dim: int,
         obs_dim: int,
         likelihood,
-        net: Callable[..., torch.nn.Module] | None = None,
+        net: NetSpec | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         seeds: Iterable[int] = (0,),
         nan_policy: str = "fail",
@@ -129,7 +129,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         self.seeds = [int(s) for s in seeds]
         self.members = len(self.seeds)
         self.nan_policy, self.chunk_rows = nan_policy, chunk_rows
-        self.net = net or MLP
+        self.net = net or NetSpec()
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         _check_optimizer(self.optimizer_factory)
         self.decoder = self.make_net(latent_dim, obs_dim, "decoder")
@@ -150,7 +150,7 @@ class LatentVariableModule(L.LightningModule, ABC):
 
         Its parameters at each member's best validation bound so far are kept beside it (buffer
         ``best_<name>``), for the member's ``checkpoints/best.ckpt``."""
-        net = self.net(in_dim, out_dim, members=self.members)
+        net = self.net(in_dim, out_dim, members=self.members, role=name)
         net.reset_parameters(generators(self.seeds, "init", name))
         self.register_buffer(f"best_{name}", net.params.detach().clone())
         self._selected_nets = [*getattr(self, "_selected_nets", []), name]
