@@ -189,6 +189,6 @@ def test_scontrol_requeue_resumes_in_its_own_folder_with_the_same_wandb_run(slur
     attempts = sorted((run / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2, attempts
     runs = [offline_run(a) for a in attempts]
-    ids = {a.name.rsplit("-", 1)[1] for a in attempts} | {r["run"].run_id for r in runs}
+    ids = {a.name.rsplit("-", 1)[1] for a in attempts} | {r["run"]["run_id"] for r in runs}
     assert ids == {mapa_run_id(run)}, ids
     assert runs[0]["history"] and runs[1]["exit"] == 0  # the first attempt logged, the second finished the run
