@@ -210,17 +210,19 @@ def ratios(rows: list[dict]) -> list[dict]:
         key = (r["device"], r["dataset"], r["decoder"], r["S"], k_rule(r))
         o = out.setdefault(key, {"device": key[0], "dataset": key[1], "decoder": key[2], "S": key[3], "rule": key[4],
                                  "decoder_params": r["decoder_params"], "ratios": [], "bounds": [], "missed": 0,
-                                 "step_ratios": []})
+                                 "step_ratios": [], "epoch_ratios": []})
         o["step_ratios"].append(r["step_ms"] / ref["step_ms"])
         if not r["reached"]:
             o["missed"] += 1
         elif ref["reached"]:
             o["ratios"].append(r["time_to_target_s"] / ref["time_to_target_s"])
+            o["epoch_ratios"].append(r["epochs_to_target"] / ref["epochs_to_target"])
         else:
             o["bounds"].append(r["time_to_target_s"] / ref["train_s"])
     for o in out.values():
         o["geo_mean"] = math.exp(statistics.fmean(map(math.log, o["ratios"]))) if o["ratios"] else None
         o["step_ratio"] = math.exp(statistics.fmean(map(math.log, o["step_ratios"])))
+        o["epoch_ratio"] = math.exp(statistics.fmean(map(math.log, o["epoch_ratios"]))) if o["epoch_ratios"] else None
     return sorted(out.values(), key=lambda o: (o["device"], o["dataset"], o["S"], o["rule"], o["decoder_params"]))
 
 
@@ -232,11 +234,13 @@ def crossover(summary: list[dict]) -> list[str]:
     for (device, dataset, S, rule), items in groups.items():
         items.sort(key=lambda o: o["decoder_params"])
         faster = [o for o in items if o["geo_mean"] is not None and o["geo_mean"] < 1]
-        first = faster[0]["decoder"] if faster else None
+        first = faster[0] if faster else None
+        every_seed = [o["decoder"] for o in items if o["ratios"] and max(o["ratios"]) < 1]
         lines.append(f"{dataset}, S = {S}, MAPA {rule} ({device}): " + (
-            f"faster than IWAE from decoder {first} on" if first == items[0]["decoder"] else
-            f"faster than IWAE from decoder {first} on (slower or even below)" if first else
-            "not faster than IWAE at any decoder size measured"))
+            (f"faster than IWAE on the geometric mean from decoder {first['decoder']} on"
+             + (" (at every size measured)" if first is items[0] else " (slower below it)")
+             + (f"; faster in every seed at {', '.join(every_seed)}" if every_seed else "; not faster in every seed at any size"))
+            if first else "not faster than IWAE at any decoder size measured"))
     return lines
 
 
@@ -252,39 +256,50 @@ def fmt_ratio(o: dict) -> str:
     return "; ".join(parts)
 
 
+def seeds_text(rows: list[dict]) -> str:
+    """The seeds each data set ran with (runs appended with --append may differ)."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["dataset"], set()).add(r["seed"])
+    return "; ".join(f"{d} {', '.join(map(str, sorted(s)))}" for d, s in sorted(by.items()))
+
+
 def render(data: dict, figure: str | None) -> str:
     meta, rows = data["meta"], data["rows"]
     summary = ratios(rows)
     out = [f"Measured by `python scripts/bench_time_to_kl.py` on {meta['machine']} ({meta['date']}, torch "
-           f"{meta['torch']}, {meta['threads']} thread(s)): seeds {meta['seeds']}, at most {meta['max_epochs']} "
+           f"{meta['torch']}, {meta['threads']} thread(s)): seeds {seeds_text(rows)}, at most {meta['max_epochs']} "
            f"epochs, scored every {meta['every']} (scoring excluded). Targets: Figure-8 test KL <= "
            f"{meta['target_kl']} nats (exact); digits test log-likelihood >= {meta['target_ll']} nats per image "
            f"(quadrature, {meta['digits_J']}² nodes). Encoder / g_phi 2 x 50 throughout; batch 100.", "",
            "**Time to target, MAPA / IWAE at the same S** (geometric mean over seeds [min, max]; < 1: MAPA "
-           "faster), and the per-step time ratio:", "",
-           "| device | data | decoder | decoder params | S | MAPA K | time-to-target ratio | step-time ratio | MAPA missed |",
-           "|---|---|---|---:|---:|---|---|---:|---:|"]
+           "faster), split into its two factors: the per-step time ratio and the ratio of epochs to target (both "
+           "geometric means; their product is the time ratio where every seed reached the target):", "",
+           "| device | data | decoder | decoder params | S | MAPA K | time-to-target ratio | step-time ratio | epochs ratio | MAPA missed |",
+           "|---|---|---|---:|---:|---|---|---:|---:|---:|"]
     for o in summary:
         out.append(f"| {o['device']} | {o['dataset']} | {o['decoder']} | {o['decoder_params']:,} | {o['S']} | "
-                   f"{o['rule']} | {fmt_ratio(o)} | {o['step_ratio']:.2f} | {o['missed']} |")
+                   f"{o['rule']} | {fmt_ratio(o)} | {o['step_ratio']:.2f} | "
+                   f"{'—' if o['epoch_ratio'] is None else format(o['epoch_ratio'], '.2f')} | {o['missed']} |")
     out += ["", "Crossover:", ""] + [f"- {line}" for line in crossover(summary)]
-    out += ["", "**Where a step's time goes** (ms per step, mean over seeds; time to target in seconds, median "
+    out += ["", "**Where a step's time goes** (ms per step, mean over seeds; epochs and seconds to target: median "
             "over the seeds that reached it):", "",
-            "| device | data | decoder | S | method | data | forward | backward | optimizer | step | decoder passes / point | time to target (s) | reached |",
-            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| device | data | decoder | S | method | data | forward | backward | optimizer | step | decoder passes / point | epochs to target | time to target (s) | reached |",
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups = {}
     for r in rows:
         groups.setdefault((r["device"], r["dataset"], r["decoder_params"], r["decoder"], r["S"], r["name"]), []).append(r)
     for (device, dataset, _, decoder, S, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], kv[0][4], kv[0][5])):
         ms = {k: statistics.fmean(r["split_ms"].get(k, 0.0) for r in rs) for k in ("data", "forward", "backward", "optimizer")}
         hit = [r["time_to_target_s"] for r in rs if r["reached"]]
+        epochs_hit = [r["epochs_to_target"] for r in rs if r["reached"]]
         out.append(f"| {device} | {dataset} | {decoder} | {S} | {name} | {ms['data']:.2f} | {ms['forward']:.2f} | "
                    f"{ms['backward']:.2f} | {ms['optimizer']:.2f} | {statistics.fmean(r['step_ms'] for r in rs):.2f} | "
                    f"{statistics.fmean(r['passes_per_point_decoder'] for r in rs):.2f} | "
-                   f"{statistics.median(hit):.1f} | {len(hit)}/{len(rs)} |" if hit else
+                   f"{statistics.median(epochs_hit):g} | {statistics.median(hit):.1f} | {len(hit)}/{len(rs)} |" if hit else
                    f"| {device} | {dataset} | {decoder} | {S} | {name} | {ms['data']:.2f} | {ms['forward']:.2f} | "
                    f"{ms['backward']:.2f} | {ms['optimizer']:.2f} | {statistics.fmean(r['step_ms'] for r in rs):.2f} | "
-                   f"{statistics.fmean(r['passes_per_point_decoder'] for r in rs):.2f} | — | 0/{len(rs)} |")
+                   f"{statistics.fmean(r['passes_per_point_decoder'] for r in rs):.2f} | — | — | 0/{len(rs)} |")
     if figure:
         out += ["", f"![time-to-target ratio against decoder size]({figure})"]
     return "\n".join(out)
@@ -295,6 +310,7 @@ def draw(data: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as ticker
 
     from mapa_exp.io import atomic_write_bytes
 
@@ -313,19 +329,26 @@ def draw(data: dict, path: Path) -> None:
                         color=color, marker=marker, ls=ls if device == "cpu" else "-.", capsize=3,
                         label=f"S = {S}, MAPA {rule.replace('ceil', '⌈').replace('S)', 'S⌉').replace('(', '')}"
                               + (f" ({device})" if device != "cpu" else ""))
-            for p in pts:
-                ax.annotate(p[4], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(1.0, color="0.4", lw=0.8)
         ax.axhline(0.3, color="0.4", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("decoder parameters (log scale)")
+        sizes = sorted({(o["decoder_params"], o["decoder"]) for o in summary if o["dataset"] == dataset})
+        ax.set_xticks([p for p, _ in sizes], [f"{d}\n{p:,}" for p, d in sizes], fontsize=7)
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlim(sizes[0][0] / 2, sizes[-1][0] * 2)
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("decoder (depth x width) and its parameters, log scale")
         ax.set_ylabel("time to target, MAPA / IWAE (log scale)")
         ax.set_title(dataset)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.subplots_adjust(bottom=0.28)
     fig.suptitle("MAPA / IWAE training time to target (geometric mean over seeds, min-max bars); "
                  "below 1: MAPA faster; dotted: 0.3", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     import io
 
     buf = io.BytesIO()

@@ -38,9 +38,10 @@ def posterior_trends_figure(table: pd.DataFrame, title: str, floor: float = 30.0
             if j == 0:
                 ax.set_ylabel("log density (x N for Eq 7/8)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.06))
     fig.suptitle(title)
-    fig.tight_layout()
+    band = 0.45 / fig.get_figheight()  # a legend row below the panels, clear of their axis labels
+    fig.tight_layout(rect=(0, band, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0), frameon=False)
     return fig
 
 
