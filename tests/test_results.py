@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import math
 import subprocess
 import sys
@@ -246,3 +247,22 @@ def test_paired_difference_matches_scipy_and_the_verdicts():
     tie = paired_difference(pd.Series([0.1, 0.3, 0.2]), pd.Series([0.2, 0.1, 0.25]))  # a tie is not a win
     assert directional(tie, below=True) == "undecided" and equivalent(tie, margin=0.01) == "undecided"
     assert directional(paired_difference(a[:1], b[:1])) == "undecided"  # one draw: no test
+
+
+def test_committed_report_is_rebuilt_from_the_committed_tables(tmp_path):
+    """docs/REPORT.md is a function of docs/results/*.parquet alone: rebuilt, it equals the committed one
+    byte for byte apart from its date line (a report edited by hand, or left stale, fails here)."""
+    tables = sorted((ROOT / "docs" / "results").glob("*.parquet"))
+    assert tables, "docs/results/ holds no tidy table"
+    out = tmp_path / "REPORT.md"
+    p = subprocess.run([sys.executable, "scripts/report.py", *map(str, tables), "-o", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = load_script("report")
+
+    def body(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith(report.DATE_PREFIX)]
+
+    committed = (ROOT / "docs" / "REPORT.md").read_text()
+    assert body(out.read_text()) == body(committed)
+    assert sum(line.startswith(report.DATE_PREFIX) for line in committed.splitlines()) == 1
