@@ -78,7 +78,9 @@ def draw(table, out: Path) -> Path:
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             if len(d) and d["passes_per_point"].max() > 10 * d["passes_per_point"].min():
                 ax.set_yscale("log")
+                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
                 ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no "4 x 10^1" labels
             ax.set_xlabel("S (samples per point)")
             ax.set_ylabel("forward passes per point per step")
             ax.set_title(f"{ds}: {title}")
