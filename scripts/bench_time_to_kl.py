@@ -313,6 +313,7 @@ def draw(data: dict, path: Path) -> None:
     import matplotlib.ticker as ticker
 
     from mapa_exp.io import atomic_write_bytes
+    from mapa_exp.sweeps.plots import log_ticks
 
     summary = [o for o in ratios(data["rows"]) if o["geo_mean"] is not None]
     datasets = sorted({o["dataset"] for o in summary})
@@ -337,9 +338,7 @@ def draw(data: dict, path: Path) -> None:
         ax.set_xticks([p for p, _ in sizes], [f"{d}\n{p:,}" for p, d in sizes], fontsize=7)
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set_xlim(sizes[0][0] / 2, sizes[-1][0] * 2)
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        log_ticks(ax.yaxis)
         ax.set_xlabel("decoder (depth x width) and its parameters, log scale")
         ax.set_ylabel("time to target, MAPA / IWAE (log scale)")
         ax.set_title(dataset)

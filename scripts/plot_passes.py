@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from mapa_exp.sweeps.plots import identical_series, legend_right, save, series_styles
+from mapa_exp.sweeps.plots import identical_series, legend_right, log_ticks, save, series_styles
 from mapa_exp.sweeps.results import read_table, series_label, wide  # noqa: E402
 
 ACCOUNTINGS = {
@@ -78,9 +78,7 @@ def draw(table, out: Path) -> Path:
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             if len(d) and d["passes_per_point"].max() > 10 * d["passes_per_point"].min():
                 ax.set_yscale("log")
-                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}"))
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no "4 x 10^1" labels
+                log_ticks(ax.yaxis)
             ax.set_xlabel("S (samples per point)")
             ax.set_ylabel("forward passes per point per step")
             ax.set_title(f"{ds}: {title}")

@@ -90,6 +90,17 @@ def identical_series(frame: pd.DataFrame, label: str, x: str, y: str) -> list[tu
     return out
 
 
+def log_ticks(axis, one_two_five: bool = True) -> None:
+    """Readable ticks on a log axis: plain numbers (0.5, 2, 50 -- not 5 x 10^-1), at 1-2-5 steps if asked,
+    and no labels on minor ticks."""
+    import matplotlib.ticker as ticker
+
+    if one_two_five:
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def kl_axis(ax, values) -> str:
     """A log axis for a test KL when every value is positive, else symlog (linear within the smallest positive
     value's decade); readable ticks either way. Returns the scale's description for the caption."""
@@ -102,10 +113,7 @@ def kl_axis(ax, values) -> str:
         ax.set_yscale("log")
         lo, hi = positive.min(), positive.max()
         ax.set_ylim(lo / 1.5, hi * 1.5)
-        if hi / lo < 100:  # within a couple of decades: label 1-2-5 steps too
-            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        log_ticks(ax.yaxis, one_two_five=hi / lo < 100)  # within a couple of decades: 1-2-5 steps too
         return "log scale"
     thresh = 10 ** np.floor(np.log10(positive.min())) if len(positive) else 1e-3
     ax.set_yscale("symlog", linthresh=thresh)
