@@ -226,11 +226,26 @@ def claims_section(density, passes: pd.DataFrame | None) -> str:
         out += [f"Density (test KL, `{metric}`): d = mean paired difference (first − second) over draws, each "
                 "method at its own validation-chosen S and K fraction.", "",
                 md_table(pd.DataFrame(rows, columns=["dataset", "claim", "paired difference", "verdict"])), ""]
+        out += _across_datasets(rows)
         out += _per_s_comparison(chosen, metric)
     else:
         out += ["Density claims: not checked (no test KL in the tables).", ""]
     out += _efficiency(passes)
     return "\n".join(out)
+
+
+def _across_datasets(rows: list[list]) -> list[str]:
+    """Per claim, the data sets where it holds, fails and is undecided (from the per-data-set rows)."""
+    if len({r[0] for r in rows}) < 2:
+        return []
+    outcomes = ("holds", "fails", "undecided")
+    by_claim: dict[str, dict[str, list[str]]] = {}
+    for ds, claim, _, verdict in rows:
+        outcome = verdict.replace("*", "").split()[0]
+        by_claim.setdefault(claim, {o: [] for o in outcomes})[outcome].append(ds)
+    table = pd.DataFrame([[claim] + [f"{len(got[o])}: {', '.join(got[o])}" if got[o] else "0" for o in outcomes]
+                          for claim, got in by_claim.items()], columns=["claim", *outcomes])
+    return ["Across data sets (the verdicts above, counted):", "", md_table(table), ""]
 
 
 def _per_s_comparison(chosen: pd.DataFrame, metric: str) -> list[str]:

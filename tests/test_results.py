@@ -208,6 +208,19 @@ def test_report_states_the_numbers_and_the_claims(table, tmp_path):
         assert f"](figures/{name})" in text
 
 
+def test_claims_are_counted_across_data_sets():
+    report = load_script("report")
+    rows = [["circle", "MAPA below VAE", "d = ...", "holds"],
+            ["clusters", "MAPA below VAE", "d = ...", "fails (the paper's exception)"],
+            ["figure8", "MAPA below VAE", "d = ...", "undecided"],
+            ["circle", "**MAPA below VAE and IWAE**", "both", "**undecided**"],
+            ["clusters", "**MAPA below VAE and IWAE**", "both", "**fails** (the paper's exception)"]]
+    text = "\n".join(report._across_datasets(rows))
+    assert "| MAPA below VAE | 1: circle | 1: clusters | 1: figure8 |" in text
+    assert "| **MAPA below VAE and IWAE** | 0 | 1: clusters | 1: circle |" in text
+    assert report._across_datasets(rows[:1]) == []  # one data set: nothing to count
+
+
 # -- choices on validation data, and the statistics of a claim -------------------------------------
 def test_k_fraction_and_S_are_chosen_on_validation_where_test_would_choose_otherwise():
     """Validation prefers K fraction 0.1 and S = 10; the test KL would pick 0.5 and S = 2. Validation wins."""
