@@ -57,7 +57,7 @@ def bare_epoch(module, optimizer, batches, split: dict | None = None, sync=None)
             B = batch["x"].shape[1]
             for m, pts in module.chunks(batch):
                 t2 = clock()
-                step = module.step(take(batch, m, pts), m)
+                step = module.chunk_step(take(batch, m, pts), m)
                 loss = (-step.surrogate.sum(1) / B).sum()
                 tick()
                 t3 = clock()

@@ -204,6 +204,7 @@ class RunFlagsConf:
     eval_checkpoint: str = "best"
     nan_policy: str = "fail"
     stack: bool = False
+    compile: bool = False
 
 
 METHOD_SCHEMAS = {"vae": GaussianEncoderMethodConf, "iwae": GaussianEncoderMethodConf, "mapa": MapaMethodConf,

@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 S_GRID = (1, 10, 100)
 
 
-def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None = None):
+def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None = None, members: int = 1,
+                compile_steps: bool = False):
+    """One benchmark configuration: a module (a stack of ``members``, seeds 0..members-1, all on this data draw),
+    its optimizer and its datamodule."""
     from mapa_exp.data.datamodule import GroundTruthDataModule
     from mapa_exp.data.proposals import KernelProposal
     from mapa_exp.methods.mapa import MAPA
@@ -43,7 +46,8 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
     from mapa_exp.runs.training import CHUNK_ROWS_CPU
 
     common = dict(latent_dim=groundtruth.latent_dim, obs_dim=groundtruth.obs_dim, likelihood=groundtruth.likelihood,
-                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), chunk_rows=CHUNK_ROWS_CPU)
+                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), chunk_rows=CHUNK_ROWS_CPU,
+                  seeds=range(members), compile_steps=compile_steps)
     if method.startswith("MAPA"):
         K = max(1, math.ceil(0.1 * S))
         proposal = KernelProposal(K, S)
@@ -52,7 +56,7 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
         K, proposal = None, None
         module = GaussianEncoderVAE(**common, S=S, objective="iwae", estimator="dreg")
     data = GroundTruthDataModule(groundtruth, proposal, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                 neighbors_M=neighbors_M, noise_shape=module.noise_shape)
+                                 neighbors_M=neighbors_M, noise_shape=module.noise_shape, seeds=range(members))
     data.setup("fit")
     return {"method": method, "S": S, "K": K, "M": neighbors_M, "module": module,
             "optimizer": module.configure_optimizers(), "data": data, "times": [], "passes_encoder": 0,

@@ -58,7 +58,7 @@ def sweep(path: str, epochs: int, args, out: Path) -> dict:
     cmd = [sys.executable, "train.py", "-m", "experiment=paper_density", f"dataset={args.dataset}",
            f"seed=range({args.restarts})", f"dataset.draw=range({args.draws})", f"trainer.max_epochs={epochs}",
            "trainer.check_val_every_n_epoch=10", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.workers}",
-           f"stack={path == 'stacked'}", f"hydra.sweep.dir={out}"]
+           f"stack={path == 'stacked'}", f"compile={path == 'stacked' and args.compile}", f"hydra.sweep.dir={out}"]
     env = {**os.environ, "MAPA_EXP_CACHE": args.cache_dir, "PYTHONHASHSEED": "0"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -118,7 +118,8 @@ def markdown(data: dict) -> str:
         f"{meta['epochs'][0]} and {meta['epochs'][1]} epochs (validation every 10). Per epoch = the slope between "
         f"the two; fixed = the rest (start-up, data, evaluation). Full grid = {GRID_DATASETS} data sets x (fixed + "
         f"{GRID_EPOCHS} x per epoch). The largest stack: {meta['largest_stack']} members; peak memory of a job: "
-        f"{meta['peak_rss_mib']['per_job']:.0f} MiB (one run), {meta['peak_rss_mib']['stacked']:.0f} MiB (a stack).",
+        f"{meta['peak_rss_mib']['per_job']:.0f} MiB (one run), {meta['peak_rss_mib']['stacked']:.0f} MiB (a stack)."
+        + (" The stacked path ran with `compile=true`." if meta.get("compile_stacked") else ""),
         "",
         "| way | jobs | wall at e1 (s) | wall at e2 (s) | per epoch (s) | fixed (s) | full grid (hours) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -182,6 +183,9 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "grid.json"))
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--keep", help="keep the sweep folders under this folder (default: a temporary one, removed)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile=true for the stacked path (its members share the compilation; one job per run "
+                         "would pay it per run)")
     ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, run nothing")
     args = ap.parse_args()
     if args.render_only:
@@ -207,6 +211,7 @@ def main() -> None:
             "torch": torch.__version__, "dataset": args.dataset, "restarts": args.restarts, "draws": args.draws,
             "runs": len(METHODS) * len(S_GRID) * args.restarts * args.draws, "epochs": [e1, e2],
             "workers": args.workers, "largest_stack": args.restarts * args.draws, "peak_rss_mib": peak,
+            "compile_stacked": args.compile,
             "bench_process_children_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     data = {"meta": meta, "projection": proj,
             "full_grid_hours": {k: v["full_grid_hours"] for k, v in proj.items()},

@@ -57,6 +57,7 @@ CASES = [
     ("misspelt group", "train", ["datset=spiral"], "datset=", "did you mean dataset"),
     ("unknown group option", "train", ["method=mapaa"], "method='mapaa'", "available: iwae, mapa"),
     ("evaluate not a bool", "train", ["evaluate=maybe"], "evaluate='maybe'", "true or false"),
+    ("compile not a bool", "train", ["compile=sometimes"], "compile='sometimes'", "true or false"),
     ("batch size a word", "train", ["data.batch_size=ten"], "data.batch_size='ten'", "must be an integer"),
     ("misspelt method key", "train", ["method=vae", "method.estimatr=stl"], "method.estimatr=",
      "did you mean method.estimator"),

@@ -4,6 +4,8 @@ members fail alone; a killed stack resumes exactly; completed members are not tr
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -106,6 +108,23 @@ def test_skip_batch_skips_one_members_step_only(tmp_path, cache_dir):
     res = run_job(stacked_cfg([*base, *fault("grad", "PoisonGradient", steps=[3, 5], member=1)], tmp_path, cache_dir))
     assert [r["status"] for r in res] == ["completed"] * 4
     assert [r["skipped_batches"] for r in res] == [0, 2, 0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or $CXX); none on this machine")
+@pytest.mark.parametrize("method", ["iwae", "mapa"])
+def test_compiled_steps_train_a_stack_as_the_eager_steps_do(method, tmp_path, cache_dir):
+    """compile=true (inductor's fused kernels, one graph for every member chunk) against torch's eager kernels:
+    the same bounds to 1e-5 nats per point after 3 epochs, the same passes."""
+    base = [*SMOKE, f"method={method}", "method.S=10"]
+    eager = run_job(stacked_cfg(base, tmp_path / "eager", cache_dir))
+    compiled = run_job(stacked_cfg([*base, "compile=true"], tmp_path / "compiled", cache_dir))
+    assert [r["status"] for r in compiled] == ["completed"] * 4
+    for e, c in zip(eager, compiled):
+        for key in ("train_bound", "val_bound"):
+            assert abs(c[key] - e[key]) <= 1e-5, (key, c[key], e[key])
+        assert c["passes_decoder_total"] == e["passes_decoder_total"]
 
 
 @pytest.mark.slow

@@ -15,6 +15,12 @@ estimator, and each member's forward passes of each network. Everything else liv
   runs the epoch's optimisation steps itself (manual optimisation), so Lightning's per-batch overhead is
   paid once per epoch. The members are processed in chunks of at most ``chunk_rows`` network rows (the
   CPU's caches; ``None`` on a GPU: all at once), each chunk's backward adding to its members' gradients.
+  With ``compile_steps=True`` a training chunk runs through ``torch.compile`` (inductor): one compiled,
+  tensor-only function of the chunk's parameter rows and batch (``torch.func.functional_call`` of
+  ``forward``), so the same graph serves every member and chunk instead of recompiling per member slice.
+  It fuses the element-wise work around the small matrix products (measured in docs/benchmarks.md,
+  "Compiled training steps"); its first epoch pays the compilation, and it changes numbers only by float
+  rounding. Evaluation passes stay eager.
 * **members fail alone.** After each backward pass a member whose loss or gradient is not finite is left
   out of that optimiser step: its parameters and optimiser state are restored (a zero gradient would not
   do: Adam's momentum keeps moving). Under ``nan_policy=fail`` it is frozen from then on and reported as
@@ -37,6 +43,8 @@ at every optimisation step.
 
 from __future__ import annotations
 
+import os
+import shutil
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,6 +127,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         seeds: Iterable[int] = (0,),
         nan_policy: str = "fail",
         chunk_rows: int | None = None,
+        compile_steps: bool = False,
     ):
         super().__init__()
         check(nan_policy in NAN_POLICIES, "nan_policy", nan_policy, f"must be one of {NAN_POLICIES}")
@@ -128,7 +137,10 @@ class LatentVariableModule(L.LightningModule, ABC):
         self.latent_dim, self.obs_dim, self.likelihood = latent_dim, obs_dim, likelihood
         self.seeds = [int(s) for s in seeds]
         self.members = len(self.seeds)
-        self.nan_policy, self.chunk_rows = nan_policy, chunk_rows
+        check(isinstance(compile_steps, bool), "compile", compile_steps, "must be true or false")
+        check(not compile_steps or shutil.which(os.environ.get("CXX", "g++")) is not None, "compile", compile_steps,
+              f"torch.compile needs a C++ compiler and {os.environ.get('CXX', 'g++')!r} is not on PATH (set CXX)")
+        self.nan_policy, self.chunk_rows, self.compile_steps = nan_policy, chunk_rows, compile_steps
         self.net = net or NetSpec()
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         _check_optimizer(self.optimizer_factory)
@@ -189,6 +201,23 @@ class LatentVariableModule(L.LightningModule, ABC):
         per = max(1, self.chunk_rows // rows)
         return [(slice(lo, min(E, lo + per)), slice(0, B)) for lo in range(0, E, per)]
 
+    def forward(self, batch: dict, members: slice | None = None) -> StepOutput:
+        """The method's ``step`` (``members=None``: every member of this module's parameters)."""
+        return self.step(batch, members)
+
+    def chunk_step(self, batch: dict, members: slice) -> StepOutput:
+        """``step`` on one chunk of the training loop: compiled when ``compile_steps`` (module doc), else eager."""
+        if not (self.compile_steps and self.training and torch.is_grad_enabled()):
+            return self.step(batch, members)
+        compiled = self.__dict__.get("_compiled_chunk")  # kept out of the module's attributes and state
+        if compiled is None:
+            def chunk(params: dict, chunk_batch: dict) -> StepOutput:
+                return torch.func.functional_call(self, params, (chunk_batch, None), strict=False)
+
+            compiled = self.__dict__["_compiled_chunk"] = torch.compile(chunk, dynamic=True)
+        # every parameter is a stacked (E, ...) tensor: the chunk's members are rows of each
+        return compiled({name: p[members] for name, p in self.named_parameters()}, batch)
+
     def _to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":
             return batch
@@ -233,7 +262,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         enc.zero_()
         dec.zero_()
         for m, pts in self.chunks(batch):
-            out = self.step(take(batch, m, pts), m)
+            out = self.chunk_step(take(batch, m, pts), m)
             loss = -out.surrogate.sum(1) / B  # (e,): each member's own mean; their sum keeps the gradients apart
             loss.sum().backward()
             bound[m] += out.bound.detach().sum(1) / B

@@ -63,6 +63,7 @@ def build(cfg: DictConfig, seeds: list[int] | None = None, draws: list[int] | No
         seeds=seeds,
         nan_policy=cfg.get("nan_policy", "fail"),
         chunk_rows=_chunk_rows(cfg),
+        compile_steps=bool(cfg.get("compile", False)),
     )
     make_datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)  # objects and lists kept out of OmegaConf
     datamodule = make_datamodule(groundtruth=[truths[d] for d in draws], proposal=proposal, seeds=seeds,
@@ -117,7 +118,7 @@ def run_identity(cfg: DictConfig) -> dict:
 
 IDENTITY_KEYS = ("dataset", "method", "net", "optimizer", "data", "seed")
 VOLATILE_KEYS = {"dataset.cache_dir", "data.cache_dir"}
-COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows",  # how a run is computed or
+COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile",  # how a run is computed or
                 "evaluate", "eval_checkpoint", "evaluator", "prior_recovery")  # evaluated, not what it trains
 
 
