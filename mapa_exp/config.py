@@ -299,12 +299,19 @@ def _targets(node, path: str = ""):
 
 
 def _check_target(path: str, target: str) -> None:
-    """ConfigError unless ``target`` (an interpolation is left to resolution) names an importable object."""
+    """ConfigError unless ``target`` (an interpolation is left to resolution) names an importable object.
+
+    Read from the modules' source where that decides it (``_static_names``), so that checking a command line
+    does not import torch or Lightning (seconds); imported for real where the source does not show the name
+    (the error path, and the rare target bound dynamically or an attribute of an attribute)."""
     if "${" in target:
+        return
+    parts = target.split(".")
+    if _statically_present(parts):
         return
     import importlib
 
-    parts, obj, i = target.split("."), None, 0
+    obj, i = None, 0
     for i in range(len(parts), 0, -1):  # the longest importable module prefix, then attributes
         try:
             obj = importlib.import_module(".".join(parts[:i]))
@@ -320,6 +327,58 @@ def _check_target(path: str, target: str) -> None:
         obj = getattr(obj, name)
     if missing:
         raise ConfigError(f"{path}._target_" if path else "_target_", target, "cannot be imported")
+
+
+def _statically_present(parts: list[str]) -> bool:
+    """True when ``module.name`` exists by the module's source (found without importing anything, its parent
+    packages included); False when that cannot be told this way."""
+    import importlib.machinery
+
+    if len(parts) < 2:
+        return False
+    module = ".".join(parts[:-1])
+    if module in sys.modules:  # already imported: asking is free
+        return hasattr(sys.modules[module], parts[-1])
+    spec, search = None, None
+    for k, name in enumerate(parts[:-1]):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: k + 1]), search)
+        if spec is None:
+            return False
+        search = spec.submodule_search_locations
+    return parts[-1] in _static_names(spec.origin)
+
+
+def _static_names(origin: str | None) -> set[str]:
+    """Names a module's top level binds by its source (definitions, assignments, imports, also inside top-level
+    ``if``/``try``/``with``): a name found is there; one not found may still be (star imports, ``__getattr__``,
+    no Python source), which only an import tells."""
+    import ast
+
+    if not origin or not origin.endswith(".py"):
+        return set()
+    try:
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return set()
+    names: set[str] = set()
+    body = list(tree.body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            body.extend(node.body)
+            body.extend(getattr(node, "orelse", []))
+            body.extend(getattr(node, "finalbody", []))
+            for handler in getattr(node, "handlers", []):
+                body.extend(handler.body)
+    return names
 
 
 _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -431,6 +490,15 @@ def _check(config_name: str, argv: list[str]) -> None:
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
+    if config_name == "evaluate":  # the folders too: the same checks evaluate.py makes, before torch loads
+        from mapa_exp.evaluation.runs import check_sweep_folder, read_run_files
+
+        check((cfg.run is None) != (cfg.sweep is None), "run", cfg.run,
+              "give exactly one of run=<run folder> or sweep=<multirun folder>")
+        if cfg.run is not None:
+            read_run_files(cfg.run)
+        else:
+            check_sweep_folder(cfg.sweep)
 
 
 def _value(override: str):

@@ -262,6 +262,7 @@ def assert_one_error_line(p: subprocess.CompletedProcess, start: str, status: in
     assert len(lines) == 1 and lines[0].startswith(start), p.stderr[-3000:]
 
 
+@pytest.mark.slow  # refused in-process by test_checkpoint_of_another_configuration_is_refused; here through train.py
 def test_cli_checkpoint_of_another_configuration(vae_checkpoint, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     _place(_ckpt(vae_checkpoint), run_dir)

@@ -102,6 +102,29 @@ def test_bad_inputs_stop_in_one_line_with_status_2_and_touch_nothing(evaluated, 
     assert not outputs.exists() or not any(outputs.rglob("results.json"))  # and no run folder was made
 
 
+def test_the_command_line_is_checked_without_loading_torch(evaluated):
+    """The pre-check reads ``_target_``s from the modules' source and the folders from the disk: good command lines
+    and a bad folder are decided before torch or Lightning is imported (each would cost seconds); a misspelt
+    ``_target_`` still gets its hint (that error path may import the module)."""
+    _, runs = evaluated
+    probe = ("import sys\nfrom mapa_exp.config import _check\nfrom mapa_exp.errors import ConfigError\n"
+             "def run(name, argv):\n    try:\n        _check(name, argv)\n        return 'ok'\n"
+             "    except ConfigError as exc:\n        return str(exc)\n"
+             "said = [run('train', ['method=mapa', 'dataset=figure8']), run('train', ['method=vae', 'trainer=gpu']),"
+             " run('evaluate', [f'run={sys.argv[1]}']), run('evaluate', [f'run={sys.argv[1]}/nope'])]\n"
+             "loaded = f\"{'torch' in sys.modules} {'lightning' in sys.modules}\"\n"
+             "said.append(run('train', ['dataset.f._target_=mapa_exp.data.analytic.spiral_dot']))\n"  # may import
+             "print(repr(said)); print(loaded)")
+    p = subprocess.run([sys.executable, "-c", probe, str(runs[0])], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    said, loaded = p.stdout.strip().splitlines()
+    said = eval(said)  # noqa: S307 -- our own repr of a list of strings
+    assert said[:3] == ["ok", "ok", "ok"], said
+    assert said[3].startswith("run=") and "is not a folder" in said[3]
+    assert "did you mean mapa_exp.data.analytic.spiral_dots" in said[4]
+    assert loaded == "False False"
+
+
 def _evaluate(sweep: Path, cache_dir: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "MAPA_EXP_OUTPUTS": str(sweep.parent / "outputs"), "MAPA_EXP_CACHE": str(cache_dir)}
     # the mixture IWAE takes a few seconds a run: long enough to be interrupted between runs

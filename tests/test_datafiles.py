@@ -194,6 +194,7 @@ def test_mapa_gt_without_ground_truth_fails_before_any_work(tmp_path, cache_dir,
         run_training(cfg)
 
 
+@pytest.mark.slow  # the check itself is tested in-process just above; this is its line through train.py (~8 s)
 def test_mapa_gt_on_digits_from_the_cli_is_one_line(tmp_path):
     env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "outputs"), "MAPA_EXP_CACHE": str(tmp_path / "cache")}
     p = subprocess.run([sys.executable, "train.py", "dataset=digits", "method=mapa_gt"], cwd=ROOT, env=env,

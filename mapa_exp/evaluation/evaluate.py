@@ -24,7 +24,7 @@ import torch
 
 from mapa_exp.errors import ConfigError, check
 from mapa_exp.evaluation.estimators import GenerativeModel, recovered_model, standard_model
-from mapa_exp.evaluation.runs import Run, checkpoint_file, find_runs, load_member_weights, read_run_files
+from mapa_exp.evaluation.runs import Run, check_sweep_folder, checkpoint_file, load_member_weights, read_run_files
 from mapa_exp.io import ArrayCache, atomic_write_json, content_key, progress
 
 log = logging.getLogger(__name__)
@@ -234,11 +234,7 @@ def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | 
     Returns counts and writes ``summary.csv`` in ``folder``: the best restart per configuration (by
     validation log-likelihood) and mean +- standard error over draws of every evaluation metric.
     """
-    folder = Path(folder).expanduser().resolve()
-    check(folder.is_dir(), "sweep", str(folder), "is not a folder")
-    check(not (folder / "results.json").exists(), "sweep", str(folder), "is a run folder; use run=<folder>")
-    runs = find_runs(folder)
-    check(len(runs) > 0, "sweep", str(folder), "holds no run folder (no results.json below it)")
+    folder, runs = check_sweep_folder(folder)
     prior_recovery = prior_recovery or {}
     counts = {"evaluated": 0, "already": 0, "skipped": 0, "failed": 0}
     todo = []

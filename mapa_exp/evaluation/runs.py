@@ -12,13 +12,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mapa_exp.errors import ConfigError, check
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)  # torch is imported where weights are read: the folder checks run before it loads
 
 
 @dataclass
@@ -50,6 +53,16 @@ def read_run_files(path: str | Path, key: str = "run") -> tuple[Path, DictConfig
     return path, OmegaConf.load(cfg_file), results
 
 
+def check_sweep_folder(folder: str | Path) -> tuple[Path, list[Path]]:
+    """The resolved sweep folder and its run folders, or a ConfigError saying why it is not one."""
+    folder = Path(folder).expanduser().resolve()
+    check(folder.is_dir(), "sweep", str(folder), "is not a folder")
+    check(not (folder / "results.json").exists(), "sweep", str(folder), "is a run folder; use run=<folder>")
+    runs = find_runs(folder)
+    check(len(runs) > 0, "sweep", str(folder), "holds no run folder (no results.json below it)")
+    return folder, runs
+
+
 CHECKPOINTS = ("best", "last")
 
 
@@ -79,6 +92,8 @@ def load_run(path: str | Path, key: str = "run", checkpoint: str = "best") -> Ru
 
 def load_member_weights(module: torch.nn.Module, e: int, ckpt_path: Path, key: str = "run") -> None:
     """Load a run's checkpoint (one member) into member e of a (stacked) module, with ``weights_only=True``."""
+    import torch
+
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     own = module.state_dict()
     try:
