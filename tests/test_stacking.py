@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mapa_exp.methods.base import _split
 from mapa_exp.runs.checkpoints import load_checkpoint_safely, save_checkpoint, slice_checkpoint
 from mapa_exp.runs.training import run_job, run_training
 from mapa_exp.sweeps.stacking import group_jobs
@@ -108,6 +109,18 @@ def test_skip_batch_skips_one_members_step_only(tmp_path, cache_dir):
     res = run_job(stacked_cfg([*base, *fault("grad", "PoisonGradient", steps=[3, 5], member=1)], tmp_path, cache_dir))
     assert [r["status"] for r in res] == ["completed"] * 4
     assert [r["skipped_batches"] for r in res] == [0, 2, 0, 0]
+
+
+def test_chunks_cover_every_member_once_in_sizes_that_differ_by_at_most_one():
+    """The step loop's chunks (of members, or of a member's points): a partition of range(total) into the fewest
+    pieces of at most ``most``, none of size 1 beside larger ones (a compiled step would trace a second graph)."""
+    for total in range(1, 61):
+        for most in range(1, 70):
+            pieces = _split(total, most)
+            assert [i for p in pieces for i in range(total)[p]] == list(range(total))
+            sizes = [p.stop - p.start for p in pieces]
+            assert len(pieces) == -(-total // most) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
+    assert [p.stop - p.start for p in _split(25, 12)] == [8, 8, 9]
 
 
 @pytest.mark.slow
