@@ -170,13 +170,14 @@ def markdown(data: dict) -> str:
 
 def compiled_summary(costs: dict, proj: dict, span: int) -> str:
     """What ``compile=true`` changes: the slice's projection, and the per-configuration gain by S."""
-    def gain(select):
-        g = [costs[("stacked", m, S)]["train_s_per_member_epoch"] / costs[("stacked_compiled", m, S)]["train_s_per_member_epoch"]
-             for m in METHODS for S in S_GRID if select(S) and ("stacked", m, S) in costs
-             and ("stacked_compiled", m, S) in costs]
-        pos = [x for x in g if x > 0]
-        return math.exp(sum(map(math.log, pos)) / max(1, len(pos))), len(g) - len(pos)
-    (small, _), (large, _), (_, bad) = gain(lambda S: S <= 10), gain(lambda S: S >= 50), gain(lambda S: True)
+    gains = {(m, S): costs[("stacked", m, S)]["train_s_per_member_epoch"]
+             / costs[("stacked_compiled", m, S)]["train_s_per_member_epoch"]
+             for m in METHODS for S in S_GRID if ("stacked", m, S) in costs and ("stacked_compiled", m, S) in costs}
+
+    def geo(select):
+        pos = [g for (_, S), g in gains.items() if select(S) and g > 0]
+        return math.exp(sum(map(math.log, pos)) / max(1, len(pos)))
+    small, large, bad = geo(lambda S: S <= 10), geo(lambda S: S >= 50), sum(g <= 0 for g in gains.values())
     c, s = proj["stacked_compiled"], proj["stacked"]
     return (f"With `compile=true` the stacked path projects to {c['full_grid_hours']:.1f} hours against "
             f"{s['full_grid_hours']:.1f} eager (x{s['full_grid_hours'] / c['full_grid_hours']:.2f}): per epoch of the "
