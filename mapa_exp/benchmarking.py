@@ -5,6 +5,7 @@ without touching the others.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -117,6 +118,30 @@ def run_child(script: str, args: dict, timeout: float | None = None) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"benchmark child {args} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def child_benchmark_cli(doc: str, json_name: str, heading: str, markdown, child, options=()) -> argparse.Namespace | None:
+    """The command line of a benchmark that measures in fresh child processes (``run_child``): its own
+    ``options`` (``(flag, kwargs)`` pairs) and ``--cache-dir``, ``--json`` (``docs/benchmarks/<json_name>``),
+    ``--docs``, ``--render-only`` and the hidden ``--child``. A child run or ``--render-only`` is handled here
+    (returns None); otherwise returns the arguments of the run to do."""
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for flag, kwargs in options:
+        ap.add_argument(flag, **kwargs)
+    ap.add_argument("--cache-dir", default=os.environ.get("MAPA_EXP_CACHE", str(root / "outputs" / ".cache")))
+    ap.add_argument("--json", default=str(root / "docs" / "benchmarks" / json_name))
+    ap.add_argument("--docs", default=str(root / "docs" / "benchmarks.md"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, run nothing")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+    elif args.render_only:
+        write_markdown_section(args.docs, heading, markdown(json.loads(Path(args.json).read_text())))
+    else:
+        return args
+    return None
 
 
 def write_markdown_section(path: str | os.PathLike, heading: str, body: str) -> None:

@@ -17,7 +17,6 @@ processes hits both alike. ``epoch`` times are medians over the rounds; **speed-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -83,22 +82,11 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--members", type=int, default=25)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cache-dir", default=os.environ.get("MAPA_EXP_CACHE", str(ROOT / "outputs" / ".cache")))
-    ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "compile.json"))
-    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, run nothing")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
-    from mapa_exp.benchmarking import run_child, write_markdown_section
+    from mapa_exp.benchmarking import child_benchmark_cli, run_child, write_markdown_section
 
-    if args.render_only:
-        write_markdown_section(args.docs, HEADING, markdown(json.loads(Path(args.json).read_text())))
+    args = child_benchmark_cli(__doc__, "compile.json", HEADING, markdown, child,
+                               (("--members", {"type": int, "default": 25}), ("--rounds", {"type": int, "default": 5})))
+    if args is None:
         return
     import torch
 

@@ -18,7 +18,6 @@ queries: their cost is linear in the number of queries. The table marks them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -166,22 +165,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (best time kept)")
-    ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "proximity.json"))
-    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from --json, run nothing")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
-        return
-    if a.render_only:
-        from mapa_exp.benchmarking import write_markdown_section
+    from mapa_exp.benchmarking import child_benchmark_cli
 
-        saved = json.loads(Path(a.json).read_text())
-        write_markdown_section(a.docs, "Proximity engine", markdown(saved["rows"], saved["meta"]))
+    a = child_benchmark_cli(__doc__, "proximity.json", "Proximity engine",
+                            lambda saved: markdown(saved["rows"], saved["meta"]), child,
+                            (("--cases", {"nargs": "*", "default": list(CASES), "choices": list(CASES)}),
+                             ("--rounds", {"type": int, "default": 5,
+                                           "help": "interleaved rounds per case (best time kept)"})))
+    if a is None:
         return
     import faiss
     import scipy
