@@ -60,6 +60,7 @@ BAD_VALUES = [
     ("seed < 0", ["seed=-1"], "seed"),
     ("seed >= 2**32", ["seed=4294967296"], "seed"),
     ("num_threads = 0", ["num_threads=0"], "num_threads"),
+    ("mmap threshold above glibc's 32 MiB", ["malloc.mmap_threshold=67108864"], "malloc.mmap_threshold"),
     ("unknown nan_policy", ["nan_policy=ignore"], "nan_policy"),
 ]
 

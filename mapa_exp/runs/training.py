@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from mapa_exp.config import validate
 from mapa_exp.errors import ConfigError, check
 from mapa_exp.io import atomic_write_json, atomic_write_text
+from mapa_exp.runs.allocator import check_malloc, keep_freed_memory
 from mapa_exp.runs.callbacks import MemberLogging, StopOnSignal
 from mapa_exp.runs.checkpoints import (
     RunIdentity, best_checkpoint, check_resumable, checkpoint_identities, load_checkpoint_safely, save_checkpoint,
@@ -41,7 +42,7 @@ from mapa_exp.runs.members import Member, is_stacked, members_of
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS_CPU = 8192  # chunk_rows=auto on the CPU: network rows per forward/backward chunk of members
+CHUNK_ROWS_CPU = 32768  # chunk_rows=auto on the CPU: network rows per forward/backward chunk of members
 STACK_FILE = "stack.json"
 
 
@@ -81,6 +82,11 @@ def _chunk_rows(cfg: DictConfig) -> int | None:
     return None if on_gpu else CHUNK_ROWS_CPU
 
 
+def _malloc(cfg: DictConfig) -> dict | None:
+    node = cfg.get("malloc")
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+
+
 def quiet_lightning() -> None:
     """No banners, tips or warnings that do not apply: Lightning's hardware lines and product tips, its
     logging-interval and SLURM-srun hints (a pass is one "batch" here; the SLURM launcher needs no srun)."""
@@ -91,10 +97,12 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def configure_torch(num_threads: int | None) -> None:
-    """The process settings training runs with: ``num_threads`` CPU threads (null: torch's default)."""
+def configure_process(num_threads: int | None, malloc: dict | None = None) -> None:
+    """The process settings training runs with: ``num_threads`` CPU threads (null: torch's default) and
+    glibc's allocator settings (``malloc``; null: glibc's defaults; ``mapa_exp.runs.allocator``)."""
     if num_threads:
         torch.set_num_threads(int(num_threads))
+    keep_freed_memory(malloc)
 
 
 def _instantiate_group(node) -> list:
@@ -118,8 +126,8 @@ def run_identity(cfg: DictConfig) -> dict:
 
 IDENTITY_KEYS = ("dataset", "method", "net", "optimizer", "data", "seed")
 VOLATILE_KEYS = {"dataset.cache_dir", "data.cache_dir"}
-COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile",  # how a run is computed or
-                "evaluate", "eval_checkpoint", "evaluator", "prior_recovery")  # evaluated, not what it trains
+COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile", "malloc",  # how a run is
+                "evaluate", "eval_checkpoint", "evaluator", "prior_recovery")  # computed or evaluated, not what it trains
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -150,6 +158,7 @@ def run_job(cfg: DictConfig) -> list[dict]:
     check(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be an integer in [0, 2**32)")
     nt = cfg.get("num_threads")
     check(nt is None or (isinstance(nt, int) and nt >= 1), "num_threads", nt, "must be an integer >= 1 or null")
+    check_malloc(_malloc(cfg))
     members = members_of(cfg)
     for m in members:
         check(isinstance(m.seed, int) and 0 <= m.seed < 2**32, "seed", m.seed, "must be an integer in [0, 2**32)")
@@ -313,7 +322,7 @@ def _fit(cfg: DictConfig, members: list[Member], identities: list[dict], resume:
          loggers: list[list]) -> _Fit:
     """Build the stack of ``members`` and fit it (from ``resume`` when given)."""
     quiet_lightning()
-    configure_torch(cfg.get("num_threads"))
+    configure_process(cfg.get("num_threads"), _malloc(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # only for code outside the members' own streams
     datamodule, module = build(cfg, [m.seed for m in members], [m.draw for m in members])
     datamodule.setup("fit")
