@@ -14,8 +14,9 @@ from mapa_exp.runs.allocator import _glibc, check_malloc
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_YAML = ROOT / "conf" / "train.yaml"
 
-# Ten forward/backward steps of a decoder-sized MLP (10,000 rows x 50 units: 2 MB activations), as a large-S
-# IWAE step runs them; prints the kernel's count of minor page faults per step after two warm-up steps.
+# Training steps of a stacked decoder-sized MLP (3 members, 50 units) on chunks of 3,000, 2,000 and 1,000 rows
+# (0.6-1.8 MB activations), as an epoch runs chunks of different sizes; prints the median over 20 steps of the
+# kernel's count of minor page faults in a step, after ten warm-up steps.
 STEPS = """
 import resource, sys, torch
 from omegaconf import OmegaConf
@@ -24,15 +25,19 @@ from mapa_exp.runs.allocator import keep_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "kept":
     assert keep_freed_memory(OmegaConf.to_container(OmegaConf.load("conf/train.yaml").malloc))
-net, x = MLP(1, 2, members=1), torch.randn(1, 10000, 1)
+net = MLP(1, 2, members=3)
+chunks = [torch.randn(3, n, 1) for n in (3000, 2000, 1000)]
 def step():
-    net(x).pow(2).sum().backward()
-for _ in range(2):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for x in chunks:
+        net(x).pow(2).sum().backward()
 for _ in range(10):
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[10])
 """
 
 
@@ -45,9 +50,9 @@ def faults_per_step(mode: str) -> float:
 @pytest.mark.skipif(_glibc() is None, reason="the malloc settings are glibc's")
 def test_the_default_settings_keep_a_steps_freed_memory_so_that_later_steps_do_not_fault():
     default, kept = faults_per_step("default"), faults_per_step("kept")
-    # glibc's defaults map and unmap the step's large buffers: hundreds of fresh 4 KiB pages a step
+    # glibc's defaults map and unmap the step's large buffers: hundreds of fresh 4 KiB pages in most steps
     assert default > 100, default
-    assert kept < default / 5, (kept, default)
+    assert kept <= default / 10, (kept, default)
 
 
 def test_the_shipped_settings_are_valid_and_null_means_glibcs_defaults():
