@@ -4,8 +4,9 @@ A step allocates and frees the same activation and gradient buffers again and ag
 S = 100 makes ~100 tensors of 0.5-2 MB). With glibc's defaults a block above the mmap threshold (128 KiB,
 raised on the fly up to 32 MiB) is mapped fresh and unmapped on free, and the top of the heap is returned
 to the kernel once 128 KiB of it is free: every new page then costs a page fault and a page of zeroing.
-Measured on a stacked IWAE epoch at S = 100: ~150,000-390,000 minor faults an epoch with the defaults,
-~100 with the settings below (``docs/benchmarks.md``, ``scripts/bench_malloc.py``).
+Measured on stacked IWAE epochs (25 members, S = 10-100): 23,000-390,000 minor faults an epoch with the
+defaults, 0-550 with the settings below, x1.25-1.6 faster with 32768-row chunks (``docs/benchmarks.md``,
+``scripts/bench_allocator.py``).
 
 ``keep_freed_memory(mmap_threshold, trim_threshold, top_pad)`` calls ``mallopt`` once for the process
 (the ``malloc`` node of ``conf/train.yaml``); elsewhere than glibc (macOS, musl) it does nothing. The cost
