@@ -120,7 +120,8 @@ def run_child(script: str, args: dict, timeout: float | None = None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def child_benchmark_cli(doc: str, json_name: str, heading: str, markdown, child, options=()) -> argparse.Namespace | None:
+def child_benchmark_cli(doc: str, json_name: str, heading: str, markdown, child,
+                        options=()) -> argparse.Namespace | None:
     """The command line of a benchmark that measures in fresh child processes (``run_child``): its own
     ``options`` (``(flag, kwargs)`` pairs) and ``--cache-dir``, ``--json`` (``docs/benchmarks/<json_name>``),
     ``--docs``, ``--render-only`` and the hidden ``--child``. A child run or ``--render-only`` is handled here
