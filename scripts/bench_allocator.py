@@ -48,7 +48,8 @@ def child(spec: dict) -> dict:
         keep_freed_memory(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train.yaml").malloc))
     torch.set_num_threads(1)
     args = argparse.Namespace(batch_size=100, cache_dir=spec["cache_dir"])
-    gt = GroundTruth("figure8", figure8, Gaussian(0.01), n_train=1000, n_val=100, n_test=100, cache_dir=spec["cache_dir"])
+    gt = GroundTruth("figure8", figure8, Gaussian(0.01), n_train=1000, n_val=100, n_test=100,
+                     cache_dir=spec["cache_dir"])
     c = make_config(spec["method"], spec["S"], gt, args, members=spec["members"])
     c["module"].chunk_rows = spec["chunk_rows"]
     run_epoch(c)  # warm-up
@@ -87,8 +88,8 @@ def markdown(data: dict) -> str:
              "| method | S | " + " | ".join(label(v) for v in variants) + " |",
              "|---|---:|" + "---:|" * len(variants)]
     for r in data["rows"]:
-        cells = [f"{1000 * c['epoch_s'] / m['members']:.1f} ms, {c['faults_per_epoch']:,.0f} faults, x{c['speedup']:.2f}"
-                 for c in r["variants"]]
+        cells = [f"{1000 * c['epoch_s'] / m['members']:.1f} ms, {c['faults_per_epoch']:,.0f} faults, "
+                 f"x{c['speedup']:.2f}" for c in r["variants"]]
         lines.append(f"| {r['method']} | {r['S']} | " + " | ".join(cells) + " |")
     def gm(i: int, method: str | None = None) -> float:
         return statistics.geometric_mean([r["variants"][i]["speedup"] for r in data["rows"]

@@ -126,8 +126,9 @@ def run_identity(cfg: DictConfig) -> dict:
 
 IDENTITY_KEYS = ("dataset", "method", "net", "optimizer", "data", "seed")
 VOLATILE_KEYS = {"dataset.cache_dir", "data.cache_dir"}
-COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile", "malloc",  # how a run is
-                "evaluate", "eval_checkpoint", "evaluator", "prior_recovery")  # computed or evaluated, not what it trains
+# how a run is computed or evaluated, not what it trains
+COMPUTE_KEYS = ("hydra", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile", "malloc",
+                "evaluate", "eval_checkpoint", "evaluator", "prior_recovery")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
