@@ -19,6 +19,21 @@ from mapa_exp.io import atomic_write_text
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
+def configure_as_training(malloc: bool = True) -> dict:
+    """Give this process the settings ``train.py`` gives a run (``conf/train.yaml``'s ``num_threads`` and, unless
+    ``malloc=False``, its ``malloc`` allocator settings), so that a bare loop is timed as training runs it.
+    Returns the settings applied."""
+    from omegaconf import OmegaConf
+
+    from mapa_exp.runs.training import configure_process
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "train.yaml")
+    settings = {"num_threads": conf.num_threads,
+                "malloc": OmegaConf.to_container(conf.malloc) if malloc and conf.malloc is not None else None}
+    configure_process(settings["num_threads"], settings["malloc"])
+    return settings
+
+
 def bare_epoch(module, optimizer, batches, split: dict | None = None, sync=None) -> dict:
     """One epoch of the bare training loop -- the module's own ``step``, the backward pass and the optimizer
     step, nothing of Lightning or ``train.py`` around them -- over ``batches`` (an iterator of the datamodule's

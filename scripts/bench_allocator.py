@@ -35,18 +35,13 @@ HEADING = "Allocator settings and chunk size"
 def child(spec: dict) -> dict:
     import resource
 
-    import torch
-    from omegaconf import OmegaConf
-
     from bench_epoch import make_config, run_epoch
+    from mapa_exp.benchmarking import configure_as_training
     from mapa_exp.data.analytic import figure8
     from mapa_exp.data.groundtruth import GroundTruth
     from mapa_exp.math.likelihoods import Gaussian
-    from mapa_exp.runs.allocator import keep_freed_memory
 
-    if spec["malloc"]:
-        keep_freed_memory(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train.yaml").malloc))
-    torch.set_num_threads(1)
+    configure_as_training(malloc=spec["malloc"])
     args = argparse.Namespace(batch_size=100, cache_dir=spec["cache_dir"])
     gt = GroundTruth("figure8", figure8, Gaussian(0.01), n_train=1000, n_val=100, n_test=100,
                      cache_dir=spec["cache_dir"])

@@ -30,14 +30,13 @@ HEADING = "Compiled training steps"
 
 
 def child(spec: dict) -> dict:
-    import torch
-
     from bench_epoch import make_config, run_epoch
+    from mapa_exp.benchmarking import configure_as_training
     from mapa_exp.data.analytic import figure8
     from mapa_exp.data.groundtruth import GroundTruth
     from mapa_exp.math.likelihoods import Gaussian
 
-    torch.set_num_threads(1)
+    configure_as_training()
     args = argparse.Namespace(batch_size=100, cache_dir=spec["cache_dir"])
     gt = GroundTruth("figure8", figure8, Gaussian(0.01), n_train=1000, n_val=100, n_test=100, cache_dir=spec["cache_dir"])
     eager = make_config(spec["method"], spec["S"], gt, args, members=spec["members"])

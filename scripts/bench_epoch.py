@@ -146,19 +146,19 @@ def main() -> None:
     if args.render_only:
         import json
 
-        from mapa_exp.benchmarking import write_markdown_section
+        from mapa_exp.benchmarking import configure_as_training, write_markdown_section
 
         saved = json.loads(Path(args.json).read_text())
         write_markdown_section(args.docs, "Training epoch: MAPA vs IWAE", markdown(saved["rows"], saved["meta"]))
         return
 
-    from mapa_exp.benchmarking import write_markdown_section
+    from mapa_exp.benchmarking import configure_as_training, write_markdown_section
     from mapa_exp.data.analytic import figure8
     from mapa_exp.data.groundtruth import GroundTruth
     from mapa_exp.io import atomic_write_json
     from mapa_exp.math.likelihoods import Gaussian
 
-    torch.set_num_threads(1)
+    configure_as_training()  # one thread and the allocator settings, as train.py runs
     gt = GroundTruth("figure8", figure8, Gaussian(0.01), n_train=args.n_train, n_val=100, n_test=100,
                      cache_dir=args.cache_dir)
     truncated = f"MAPA (M={args.neighbors_M})"
