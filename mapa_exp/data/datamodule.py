@@ -36,7 +36,7 @@ from mapa_exp.data.proposals import Proposal, ProposalContext
 from mapa_exp.data.proximity import nearest_neighbors
 from mapa_exp.errors import check
 from mapa_exp.io import ArrayCache, content_key
-from mapa_exp.math.proposals import AliasTable, alias_positions, alias_table, tail_log_proposal, uniforms
+from mapa_exp.math.proposals import AliasTable, alias_positions, alias_table, tail_log_proposal, take, uniforms
 from mapa_exp.math.truncated import mixture_from_uniforms, mixture_log_prob
 from mapa_exp.seeding import generators
 
@@ -261,8 +261,9 @@ def candidate_batch(tables: ProposalTables, x_ref: torch.Tensor, member_draw: to
             tail = tail.view(E, b, S)
         else:
             pos = alias_positions(tables.alias, table_rows, u)  # (E, b, S) positions in the tail
-            tail = tables.idx[draw[..., None], idx[..., None], K + pos].long()
-            tail_log_q = tables.log_q_tail[draw[..., None], idx[..., None], pos]
+            M, T = tables.idx.shape[-1], tables.log_q_tail.shape[-1]
+            tail = take(tables.idx, table_rows[..., None] * M + K + pos).long()
+            tail_log_q = take(tables.log_q_tail, table_rows[..., None] * T + pos)
         cand = torch.cat([cand, tail], -1)  # (E, b, K+S)
     x_union, pos, counts = union_of_candidates(cand, x_ref, member_draw)
     return {"x_union": x_union, "pos": pos, "U": counts, "tail_log_q": tail_log_q, "K": K, "N": N}

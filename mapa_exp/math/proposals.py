@@ -79,8 +79,14 @@ def alias_positions(table: AliasTable, rows: torch.Tensor, u: torch.Tensor) -> t
     T = table.prob.shape[-1]
     col = ((1.0 - u[..., 0]) * T).long().clamp_(0, T - 1)  # (..., S)
     flat = rows[..., None] * T + col
-    keep = u[..., 1] <= table.prob.view(-1)[flat]
-    return torch.where(keep, col, table.alias.view(-1)[flat])
+    keep = u[..., 1] <= take(table.prob, flat)
+    return torch.where(keep, col, take(table.alias, flat))
+
+
+def take(table: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``table.view(-1)[flat]`` (a contiguous table, flat indices of any shape) through ``index_select``, which
+    on the CPU gathers 2-3x faster than advanced indexing (``aten::index``) for the batch's random lookups."""
+    return table.view(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
 
 
 def uniforms(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
