@@ -146,7 +146,7 @@ def main() -> None:
     if args.render_only:
         import json
 
-        from mapa_exp.benchmarking import configure_as_training, write_markdown_section
+        from mapa_exp.benchmarking import write_markdown_section
 
         saved = json.loads(Path(args.json).read_text())
         write_markdown_section(args.docs, "Training epoch: MAPA vs IWAE", markdown(saved["rows"], saved["meta"]))
