@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The training sweeps behind docs/results/, part by part, from a fixed commit in a git worktree.
+#
+#   bash docs/results/runs.sh <part> [commit]      # part: density | draws34 | bandwidth | aggressive | list
+#
+# Each sweep has a fixed folder under $RUNS (default /work/runs/<commit>), so the same command resumes: completed
+# members are skipped, unfinished ones resume from their checkpoints. Two sweeps run at a time (one per core),
+# each one job after the other (stacked: a configuration's restarts x draws train as one model). Training only
+# (evaluate=false): the evaluation runs afterwards, from the evaluation commit, with `evaluate.py sweep=`.
+set -euo pipefail
+part=${1:?usage: runs.sh <part> [commit]}
+commit=${2:-7359012}
+here=$(cd "$(dirname "$0")/../.." && pwd)
+tree=${TREE:-/work/trees/$commit}
+RUNS=${RUNS:-/work/runs/$commit}
+PAR=${PAR:-2}
+
+datasets="clusters spiral figure8 circle absolute_value"
+mapa_family="mapa mapa_gt mapa_naive"
+seeds="'seed=range(3)'"
+
+commands() {
+  local ds m
+  case "$1" in
+    density)    # part 1: the MAPA family, both K fractions, S in {1, 10, 50}, R = D = 3 (draws 0-2)
+      for ds in $datasets; do for m in $mapa_family; do
+        echo "$ds/$m experiment=paper_density dataset=$ds method=$m method.K_fraction=0.1,0.5 method.S=1,10,50 $seeds 'dataset.draw=range(3)'"
+      done; done ;;
+    draws34)    # part 2: draws 3 and 4 of every method (D = 5 with part 1 and the committed VAE/IWAE draws 0-2)
+      for ds in $datasets; do
+        for m in $mapa_family; do
+          echo "$ds/$m experiment=paper_density dataset=$ds method=$m method.K_fraction=0.1,0.5 method.S=1,10,50 $seeds 'dataset.draw=range(3,5)'"
+        done
+        echo "$ds/vae_iwae experiment=paper_density dataset=$ds method=vae,iwae method.S=1,10,50 $seeds 'dataset.draw=range(3,5)'"
+      done ;;
+    bandwidth)  # part 3: MAPA's kernel bandwidth on every data set, S = 10, K = 5, R = D = 3
+      for ds in $datasets; do
+        echo "$ds/lo experiment=bandwidth dataset=$ds method=mapa method.bandwidth=0.0025,0.005,0.01 $seeds 'dataset.draw=range(3)'"
+        echo "$ds/hi experiment=bandwidth dataset=$ds method=mapa method.bandwidth=0.02,0.04,0.08 $seeds 'dataset.draw=range(3)'"
+      done ;;
+    aggressive) # the sixth method (He et al. 2019) at the density scale, S in {1, 10}
+      for ds in $datasets; do
+        echo "$ds/aggressive experiment=paper_density dataset=$ds method=aggressive method.S=1,10 $seeds 'dataset.draw=range(3)'"
+      done ;;
+    *) echo "unknown part '$1' (density | draws34 | bandwidth | aggressive)" >&2; return 2 ;;
+  esac
+}
+
+if [ "$part" = list ]; then for p in density draws34 bandwidth aggressive; do commands $p | sed "s/^/$p /"; done; exit 0; fi
+commands "$part" >/dev/null  # a bad part name stops here
+
+if [ ! -d "$tree" ]; then git -C "$here" worktree add --detach "$tree" "$commit"; fi
+cd "$tree"
+if [ ! -x .venv/bin/python ]; then  # its own environment: the tree's package, not the checkout's
+  python3 -m venv .venv && .venv/bin/pip install -q -r requirements-cpu.txt -e .
+fi
+. .venv/bin/activate
+mkdir -p "$RUNS/$part"
+export MAPA_EXP_OUTPUTS=$RUNS/outputs WANDB_MODE=offline MPLBACKEND=Agg
+commands "$part" | while read -r name args; do printf '%s\0' "$name $args"; done |
+  xargs -0 -P "$PAR" -I{} bash -c '
+    set -- {}; name=$1; shift
+    dir='"$RUNS/$part"'/${name//\//_}
+    log=$dir.log
+    echo "$(date -u +%FT%TZ) start $name" >> '"$RUNS/$part"'/progress.log
+    python train.py -m stack=true evaluate=false "$@" hydra.sweep.dir=$dir >> "$log" 2>&1
+    echo "$(date -u +%FT%TZ) end $name rc=$?" >> '"$RUNS/$part"'/progress.log'
