@@ -173,9 +173,9 @@ class MogIwaeConf:
 
 @dataclass
 class PriorRecoveryConf:
-    bins: Optional[int] = 8
+    bins: Any = field(default_factory=lambda: [None, 8, 16, 32, 64])  # a value or a list (mapa_exp.evaluation.priors)
+    n_components: Any = field(default_factory=lambda: [1, 2, 5, 10, 20])
     tail_knots: int = 10
-    n_components: int = 10
     seed: int = 0
 
 
@@ -271,6 +271,10 @@ def validate(cfg: DictConfig) -> None:
         check_trainer(cfg.trainer)
     if "eval_checkpoint" in cfg:
         check(cfg.eval_checkpoint in ("best", "last"), "eval_checkpoint", cfg.eval_checkpoint, "must be best or last")
+    if cfg.get("prior_recovery") is not None:
+        from mapa_exp.evaluation.priors import check_prior_recovery
+
+        check_prior_recovery(OmegaConf.to_container(cfg.prior_recovery, resolve=True))
 
 
 def check_trainer(trainer: DictConfig) -> None:

@@ -140,7 +140,8 @@ class Scorer:
 
         c.module.eval()  # (on the CPU: run_group moves it there for scoring)
         with torch.no_grad():
-            model = model_of_module(c.module, c.dm.member_x("train", 0), 0, **dict(c.cfg.prior_recovery))
+            x = {s: c.dm.member_x(s, 0) for s in ("train", "val")}  # the prior chosen on validation data
+            model = model_of_module(c.module, x, 0, {"quadrature": self.est}, **dict(c.cfg.prior_recovery))
             res, _ = self.est.evaluate(model, None, {"test": self.x_test})
         ll = res["test"][0].double()
         return float(ll.mean()) if self.digits else float((self.gt_ll - ll).mean())

@@ -135,3 +135,60 @@ def test_quadrature_with_latent_dim_three_gives_one_line(tmp_path, cache_dir):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr[-1500:]
     assert "latent_dim=3" in p.stderr and "mog_iwae" in p.stderr
+
+
+def test_an_evaluation_record_follows_its_checkpoint(tmp_path, cache_dir):
+    """Provenance: a run trained 3 epochs and evaluated, then trained on to 30 epochs, is re-scored by
+    `evaluate.py sweep=`, and its eval.json then equals a fresh evaluation of the same folder, key for key
+    (wall time aside). Numbers of an estimator not run again are removed with a note, never kept beside
+    numbers of other weights."""
+    from mapa_exp.sweeps.results import collect
+
+    run_dir = tmp_path / "sweep" / "0000_figure8_mapa"
+    base = ["dataset=figure8", "method=mapa", *FAST, "trainer.limit_train_batches=null"]
+    assert run_training(compose_cfg([*base, "trainer.max_epochs=3"], run_dir, cache_dir))["status"] == "completed"
+    quick = {"quadrature": QuadratureEstimator(J_1d=1000), "mog_iwae": MogIwaeEstimator(steps=20, S_eval=50)}
+    first = evaluate_run(run_dir, quick, cache_dir=str(cache_dir))
+    assert first["scored"]["checkpoint"]["epoch"] <= 3 and set(first["diagnostics"]) == {"quadrature", "mog_iwae"}
+    assert (collect([tmp_path / "sweep"]).query("source == 'eval'")["status"] == "completed").all()
+
+    res = run_training(compose_cfg([*base, "trainer.max_epochs=30"], run_dir, cache_dir))
+    assert res["status"] == "completed" and res["epochs"] == 30 and res["resumed_from_epoch"] == 3
+    stale = collect([tmp_path / "sweep"]).query("source == 'eval'")
+    assert (stale["status"] == "stale").all()  # the tidy table does not pass old numbers off as the run's
+
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "out"), "MAPA_EXP_CACHE": str(cache_dir)}
+    p = subprocess.run([sys.executable, "evaluate.py", f"sweep={tmp_path / 'sweep'}", "evaluator=quadrature",
+                        "evaluator.quadrature.J_1d=1000"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 evaluated, 0 already" in p.stdout, p.stdout
+    after = json.loads((run_dir / "eval.json").read_text())
+    assert after["scored"]["checkpoint"]["epoch"] > 3
+    assert "mog_iwae" not in after["diagnostics"] and not any(k.endswith("/mog_iwae") for k in after["metrics"])
+    assert len(after["notes"]) == 1 and "removed the mog_iwae numbers" in after["notes"][0]
+
+    (run_dir / "eval.json").unlink()
+    fresh = evaluate_run(run_dir, {"quadrature": QuadratureEstimator(J_1d=1000)}, cache_dir=str(cache_dir))
+    after.pop("notes")
+    for d in (after, fresh):
+        d.pop("wall_time_s")
+    assert after.keys() == fresh.keys()
+    assert _same(after, fresh)
+    p = subprocess.run(p.args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "0 evaluated, 1 already" in p.stdout, p.stdout + p.stderr[-2000:]
+
+
+def _same(a, b, path="") -> bool:
+    """Equal key for key; floats to 1e-9 (the same computation twice)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, set(a) ^ set(b))
+        return all(_same(a[k], b[k], f"{path}.{k}") for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        return all(_same(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+    if isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-9, abs=1e-12), (path, a, b)
+        return True
+    assert a == b, (path, a, b)
+    return True

@@ -31,7 +31,7 @@ class GenerativeModel:
 
 
 def recovered_model(decoder, likelihood, codes: torch.Tensor, tail_knots: int = 10, n_components: int = 10,
-                    seed: int = 0, bins: int | None = 8) -> GenerativeModel:
+                    seed: int = 0, bins: int | None = None) -> GenerativeModel:
     """A generative model from a decoder and codes without a prior (MAPA, method.md §6).
 
     Dz = 1: the Gaussian copula map h (smooth through ``bins`` bin means, or interpolating with None),

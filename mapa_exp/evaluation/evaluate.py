@@ -7,45 +7,76 @@ For each estimator (``mapa_exp.evaluation.estimators``) it reports, in nats per 
 Monte-Carlo standard error of the mean; quadrature carries ``convergence/<est>`` (J vs 2J, worst point).
 With both estimators, ``test_loglik_gap/mog_iwae`` = mixture-IWAE minus quadrature.
 
-MAPA's prior is recovered from its codes first (method.md §6). The ground truth's scores depend only on the
-data and the estimator, so they are cached and shared by every run of a sweep.
+MAPA's prior is recovered from its codes first (method.md §6), chosen per run on validation data among the
+``prior_recovery`` candidates (``mapa_exp.evaluation.priors``): the *selector* -- the quadrature where the
+latent dimension allows it, else the first estimator -- scores every candidate on validation and test data,
+the highest validation log-likelihood wins, and the other estimators score the chosen model only.
+``eval.json`` keeps every candidate's numbers under ``prior_candidates`` and names the chosen one.
+
+**Provenance.** ``eval.json`` says what it scored: ``scored`` = the checkpoint (which, file, epoch, SHA-256),
+the prior-recovery settings, the selector and the chosen prior; each estimator's block under ``diagnostics``
+carries the ``scored`` it was computed under and its own settings. When a run is evaluated again, an earlier
+estimator's numbers are kept only if they were computed under the same ``scored`` record; otherwise they are
+removed, with a line in ``notes`` (never merged with numbers of other weights or another prior). A run whose
+checkpoint changed since its evaluation (trained on) is not "already evaluated".
+
+The ground truth's scores depend only on the data and the estimator, so they are cached and shared by every
+run of a sweep.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mapa_exp.errors import ConfigError, check
-from mapa_exp.evaluation.estimators import GenerativeModel, recovered_model, standard_model
-from mapa_exp.evaluation.runs import Run, check_sweep_folder, checkpoint_file, load_member_weights, read_run_files
+from mapa_exp.errors import ConfigError
+from mapa_exp.evaluation.estimators import GenerativeModel, standard_model
+from mapa_exp.evaluation.priors import check_prior_recovery, choose, plain_settings, prior_candidates, recovered_models
+from mapa_exp.evaluation.runs import (
+    Run, check_sweep_folder, checkpoint_file, checkpoint_sha256, load_member_weights, read_checkpoint, read_run_files,
+)
 from mapa_exp.io import ArrayCache, atomic_write_json, content_key, progress
+from mapa_exp.math.quadrature import MAX_LATENT_DIM
 
 log = logging.getLogger(__name__)
 
 IDENTITY = ("dataset", "method", "K", "S", "seed", "draw")
 
 
-def model_of(run: Run, **prior_recovery) -> GenerativeModel:
-    """The run's generative model with a prior: N(0, I) for the baselines, recovered for MAPA."""
-    return model_of_module(run.module, run.datamodule.x["train"], 0, **prior_recovery)
+def model_of(run: Run, estimators: dict | None = None, **prior_recovery) -> GenerativeModel:
+    """The run's generative model with a prior: N(0, I) for the baselines, recovered for MAPA (chosen on the
+    validation data by the selector of ``estimators``, default the quadrature)."""
+    dm = run.datamodule
+    x = {s: dm.x[s] for s in ("train", "val")}
+    return model_of_module(run.module, x, 0, estimators, **prior_recovery)
 
 
-def model_of_module(module, x_train: torch.Tensor, e: int = 0, **prior_recovery) -> GenerativeModel:
-    """Member e's generative model: its decoder with N(0, I), or with the prior of its codes of x_train
-    (``prior_recovery``: the keyword arguments of ``recovered_model``)."""
-    decoder = module.generative_decoder(e)
+def model_of_module(module, x: dict, e: int = 0, estimators: dict | None = None, **prior_recovery) -> GenerativeModel:
+    """Member e's generative model: its decoder with N(0, I), or with the prior recovered from its codes of
+    ``x["train"]``, the candidate of ``prior_recovery`` with the highest log-likelihood of ``x["val"]`` by the
+    selector of ``estimators`` (default: the quadrature with its defaults)."""
     if module.standard_normal_prior:
-        return standard_model(decoder, module.likelihood, module.latent_dim)
-    with torch.no_grad():
-        codes = module.codes(x_train, e)
-    return recovered_model(decoder, module.likelihood, codes, **prior_recovery)
+        return standard_model(module.generative_decoder(e), module.likelihood, module.latent_dim)
+    if estimators is None:
+        from mapa_exp.evaluation.estimators import QuadratureEstimator
+
+        estimators = {"quadrature": QuadratureEstimator(check_convergence=False)}
+    fitted = _prior_choice(module, e, x, estimators, plain_settings(prior_recovery), gt=None, cache=None)
+    return fitted["model"]
+
+
+def selector_of(estimators: dict, latent_dim: int) -> str:
+    """The estimator that chooses the prior: the quadrature where it can score the latent dimension (exact and
+    cheap), else the first estimator."""
+    if "quadrature" in estimators and latent_dim <= MAX_LATENT_DIM:
+        return "quadrature"
+    return next(iter(estimators))
 
 
 def _mean_se(ll: torch.Tensor, se: torch.Tensor | None) -> tuple[float, float | None]:
@@ -76,6 +107,55 @@ def has_ground_truth(datamodule) -> bool:
     return getattr(datamodule.groundtruth, "has_ground_truth", True)
 
 
+def _score(model: GenerativeModel, name: str, est, x: dict, gt, cache) -> dict:
+    """One estimator's numbers for one model: metrics, diagnostics and the test points' log-likelihoods."""
+    splits = {s: x[s] for s in ("val", "test") if s in x}
+    res, diag = est.evaluate(model, x["train"], splits)
+    metrics, points = {}, {}
+    for split in splits:
+        mean, se = _mean_se(*res[split])
+        metrics[f"{split}_loglik/{name}"] = mean
+        if se is not None:
+            metrics[f"{split}_loglik_se/{name}"] = se
+    if "convergence_max_abs_diff" in diag:
+        metrics[f"convergence/{name}"] = diag["convergence_max_abs_diff"]
+    if "test" in res:
+        points = {"log p_model": res["test"][0].tolist()}
+        if gt is not None:
+            gt_ll, gt_se = ground_truth_scores(gt, x["train"], x["test"], est, cache)
+            metrics[f"test_loglik_gt/{name}"] = _mean_se(gt_ll, gt_se)[0]
+            metrics[f"test_kl/{name}"] = float((gt_ll.double() - res["test"][0].double()).mean())
+            points["log p_truth"] = gt_ll.tolist()
+    return {"metrics": metrics, "diagnostics": diag, "test_ll": res["test"][0] if "test" in res else None,
+            "points": points}
+
+
+def _prior_choice(module, e: int, x: dict, estimators: dict, settings: dict, gt, cache) -> dict:
+    """``choose_prior`` for member e of a module: its decoder, likelihood and codes of ``x["train"]``."""
+    with torch.no_grad():
+        codes = module.codes(x["train"], e)
+    return choose_prior(module.generative_decoder(e), module.likelihood, codes, x, estimators, settings, gt, cache)
+
+
+def choose_prior(decoder, likelihood, codes: torch.Tensor, x: dict, estimators: dict, settings: dict, gt=None,
+                 cache=None) -> dict:
+    """Fit every prior candidate of ``settings`` to the codes (N, Dz), score each with the selector
+    (``selector_of``) on ``x["val"]`` (and ``x["test"]`` when given) and choose on validation data. Returns
+    ``{model, label, selector, scores: {label: the selector's result}, candidates: {label: metrics}}``."""
+    candidates = prior_candidates(codes.shape[1], **plain_settings(settings))
+    name = selector_of(estimators, codes.shape[1])
+    models = recovered_models(decoder, likelihood, codes, candidates)
+    scores, table = {}, {}
+    for label, model in models.items():
+        if isinstance(model, Exception):
+            table[label] = {"failed": f"{type(model).__name__}: {model}"}
+            continue
+        scores[label] = _score(model, name, estimators[name], x, gt, cache)
+        table[label] = scores[label]["metrics"]
+    chosen = choose({label: r["metrics"].get(f"val_loglik/{name}", math.nan) for label, r in scores.items()})
+    return {"model": models[chosen], "label": chosen, "selector": name, "scores": scores, "candidates": table}
+
+
 def evaluate_run(path: str | Path, estimators: dict, prior_recovery: dict | None = None, cache_dir: str | None = None,
                  key: str = "run", checkpoint: str = "best") -> dict:
     """Evaluate one run folder with every estimator; writes and returns ``eval.json``'s content."""
@@ -94,21 +174,23 @@ def evaluate_runs(paths, estimators: dict, prior_recovery: dict | None = None, c
     them into the run's own dashboard); without it a run that logged to W&B gets them by resuming its run."""
     from mapa_exp.runs.training import build  # the one place that turns a config into objects
 
+    prior_recovery = plain_settings(prior_recovery)
+    check_prior_recovery(prior_recovery)
     loaded = [read_run_files(p, key) for p in paths]
     out: dict[Path, dict] = {}
     for group in _same_configuration(loaded):
         cfg = group[0][1]
+        checkpoints = [read_checkpoint(path, checkpoint, key) for path, _, _ in group]  # checked before the build
         datamodule, module = build(cfg, [r[2].get("seed", cfg.seed) for r in group],
                                    [r[2].get("draw", cfg.dataset.get("draw", 0)) for r in group])
         datamodule.setup("evaluate")
-        files = [checkpoint_file(path, checkpoint, key) for path, _, _ in group]
-        for e, f in enumerate(files):
-            load_member_weights(module, e, f, key)
+        for e, ((path, _, _), (state, _)) in enumerate(zip(group, checkpoints)):
+            load_member_weights(module, e, state, path, key)
         module.eval()
         cache = ArrayCache(cache_dir) if cache_dir else None
         for e, (path, _, results) in progress(list(enumerate(group)), f"evaluating {len(group)} runs"):
             out[path], points = _evaluate_member(path, results, module, e, datamodule, estimators,
-                                                 prior_recovery or {}, cache, files[e].stem)
+                                                 prior_recovery, cache, checkpoints[e][1])
             if on_result is not None:
                 on_result(path, out[path], points)
             else:
@@ -133,56 +215,97 @@ def _same_configuration(loaded: list) -> list[list]:
     return list(groups.values())
 
 
+def scored_record(checkpoint: dict, prior_recovery: dict | None = None, selector: tuple[str, dict] | None = None,
+                  chosen: str | None = None, latent_dim: int | None = None) -> dict:
+    """What an evaluation scored: the checkpoint record (``read_checkpoint``) and, for a recovered prior, the
+    settings, the latent dimension, the selector (name and settings) and the chosen candidate (None for a
+    N(0, I) model)."""
+    prior = None
+    if chosen is not None:
+        prior = {"settings": _jsonable(prior_recovery), "latent_dim": latent_dim, "selector": selector[0],
+                 "selector_config": _jsonable(selector[1]), "chosen": chosen}
+    return {"checkpoint": dict(checkpoint), "prior": prior}
+
+
 def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, estimators: dict, prior_recovery: dict,
-                     cache: ArrayCache | None, checkpoint: str) -> dict:
-    """Score member e and write the run's eval.json -- only once every estimator is done, merged into what an
-    earlier evaluation of the same checkpoint holds (a new estimator's numbers replace its own, never another's),
+                     cache: ArrayCache | None, checkpoint: dict) -> tuple[dict, dict]:
+    """Score member e and write the run's eval.json -- only once every estimator is done, together with the
+    earlier estimators' numbers computed under the same ``scored`` record (the others are removed, with a note),
     and renamed into place: an interrupted or failed evaluation destroys no result."""
     t0 = time.perf_counter()
-    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "checkpoint": checkpoint}
+    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "checkpoint": checkpoint["which"]}
     try:
         x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
-        model = model_of_module(module, x["train"], e, **prior_recovery)
-        gt = datamodule.truth(e)
-        metrics, diagnostics, test_ll, points = {}, {}, {}, {}
+        gt = datamodule.truth(e) if has_ground_truth(datamodule) else None
+        blocks, candidates = {}, None
+        if module.standard_normal_prior:
+            model = standard_model(module.generative_decoder(e), module.likelihood, module.latent_dim)
+            scored = scored_record(checkpoint)
+        else:
+            choice = _prior_choice(module, e, x, estimators, prior_recovery, gt, cache)
+            model, candidates = choice["model"], choice["candidates"]
+            sel = choice["selector"]
+            scored = scored_record(checkpoint, prior_recovery, (sel, estimators[sel].config()), choice["label"],
+                                   module.latent_dim)
+            blocks[sel] = choice["scores"][choice["label"]]
         for name, est in estimators.items():
-            res, diag = est.evaluate(model, x["train"], {"val": x["val"], "test": x["test"]})
-            for split in ("val", "test"):
-                mean, se = _mean_se(*res[split])
-                metrics[f"{split}_loglik/{name}"] = mean
-                if se is not None:
-                    metrics[f"{split}_loglik_se/{name}"] = se
-            test_ll[name] = res["test"][0]
-            if "convergence_max_abs_diff" in diag:
-                metrics[f"convergence/{name}"] = diag["convergence_max_abs_diff"]
-            if has_ground_truth(datamodule):
-                gt_ll, gt_se = ground_truth_scores(gt, x["train"], x["test"], est, cache)
-                metrics[f"test_loglik_gt/{name}"] = _mean_se(gt_ll, gt_se)[0]
-                metrics[f"test_kl/{name}"] = float((gt_ll.double() - res["test"][0].double()).mean())
-                points[name] = {"log p_model": res["test"][0].tolist(), "log p_truth": gt_ll.tolist()}
-            else:
-                points[name] = {"log p_model": res["test"][0].tolist()}
-            diagnostics[name] = {**diag, "config": est.config(), "prior_recovery": prior_recovery}
-        if {"quadrature", "mog_iwae"} <= test_ll.keys():
-            metrics["test_loglik_gap/mog_iwae"] = float((test_ll["mog_iwae"] - test_ll["quadrature"]).mean())
+            if name not in blocks:
+                blocks[name] = _score(model, name, est, x, gt, cache)
     except Exception as exc:
         earlier = _read_eval(path)
         if earlier is None:  # nothing to lose: the failure is the run's evaluation record
             out.update(status="failed", reason=f"{type(exc).__name__}: {exc}", wall_time_s=time.perf_counter() - t0)
             atomic_write_json(path / "eval.json", out)
         raise
+    metrics, diagnostics = {}, {}
+    for name, b in blocks.items():
+        metrics.update(b["metrics"])
+        diagnostics[name] = {**b["diagnostics"], "config": estimators[name].config(), "metrics": sorted(b["metrics"]),
+                             "scored": scored}
+    notes = []
     earlier = _read_eval(path)
-    if earlier is not None and earlier.get("status") == "completed" and earlier.get("checkpoint") == checkpoint:
-        metrics = {**earlier.get("metrics", {}), **metrics}
-        diagnostics = {**earlier.get("diagnostics", {}), **diagnostics}
-    out.update(status="completed", metrics=metrics, diagnostics=diagnostics, wall_time_s=time.perf_counter() - t0)
+    if earlier is not None and earlier.get("status") == "completed":
+        for name, d in (earlier.get("diagnostics") or {}).items():
+            if name in diagnostics:
+                continue
+            kept = _jsonable(d.get("scored")) == _jsonable(scored) and d.get("metrics")
+            if kept:
+                metrics.update({k: earlier["metrics"][k] for k in d["metrics"] if k in earlier.get("metrics", {})})
+                diagnostics[name] = d
+            else:
+                notes.append(f"removed the {name} numbers of an earlier evaluation: they scored "
+                             f"{_describe(d.get('scored'))}, this evaluation {_describe(scored)}")
+                log.warning("%s: %s", path, notes[-1])
+    test_ll = {n: b["test_ll"] for n, b in blocks.items()}
+    if {"quadrature", "mog_iwae"} <= test_ll.keys() and all(v is not None for v in test_ll.values()):
+        metrics["test_loglik_gap/mog_iwae"] = float((test_ll["mog_iwae"] - test_ll["quadrature"]).mean())
+    elif {"quadrature", "mog_iwae"} <= diagnostics.keys() and "test_loglik_gap/mog_iwae" in (earlier or {}).get(
+            "metrics", {}):
+        metrics["test_loglik_gap/mog_iwae"] = earlier["metrics"]["test_loglik_gap/mog_iwae"]  # both kept: same weights
+    out.update(status="completed", scored=scored, metrics=metrics, diagnostics=diagnostics,
+               wall_time_s=time.perf_counter() - t0)
+    if candidates is not None:
+        out["prior_candidates"] = candidates
+    if notes:
+        out["notes"] = notes
+    out = _jsonable(out)  # what eval.json holds, also to the caller
     atomic_write_json(path / "eval.json", out)
-    return out, points
+    return out, {n: b["points"] for n, b in blocks.items()}
+
+
+def _describe(scored: dict | None) -> str:
+    """'checkpoint best, epoch 30, sha256 1a2b3c4d5e6f, prior bins=null' (or 'an unrecorded checkpoint')."""
+    if not scored or not scored.get("checkpoint"):
+        return "an unrecorded checkpoint"
+    c = scored["checkpoint"]
+    text = f"checkpoint {c.get('which')}, epoch {c.get('epoch')}, sha256 {str(c.get('sha256'))[:12]}"
+    prior = scored.get("prior")
+    if prior:
+        text += f", prior {prior.get('chosen')} of {prior.get('settings')} chosen by {prior.get('selector')}"
+    return text
 
 
 def _read_eval(path: Path) -> dict | None:
-    import json
-
     try:
         data = json.loads((path / "eval.json").read_text())
     except (OSError, ValueError):
@@ -191,18 +314,33 @@ def _read_eval(path: Path) -> dict | None:
 
 
 def already_evaluated(path: Path, estimators: dict, prior_recovery: dict, checkpoint: str) -> bool:
-    """Whether ``path``'s eval.json already holds every one of ``estimators`` with the same settings."""
+    """Whether ``path``'s eval.json holds every one of ``estimators`` with the same settings, computed from the
+    checkpoint file that is there now (same SHA-256) and, for a recovered prior, the same prior settings and
+    selector."""
     done = _read_eval(path)
-    if done is None or done.get("status") != "completed" or done.get("checkpoint") != checkpoint:
+    if done is None or done.get("status") != "completed":
+        return False
+    try:
+        sha = checkpoint_sha256(checkpoint_file(path, checkpoint))
+    except (ConfigError, OSError):
         return False
     diag = done.get("diagnostics", {})
-    return all(name in diag and diag[name].get("config") == _jsonable(est.config())
-               and diag[name].get("prior_recovery") == _jsonable(prior_recovery) for name, est in estimators.items())
+    for name, est in estimators.items():
+        d = diag.get(name) or {}
+        scored = d.get("scored") or {}
+        ckpt = scored.get("checkpoint") or {}
+        if d.get("config") != _jsonable(est.config()) or ckpt.get("which") != checkpoint or ckpt.get("sha256") != sha:
+            return False
+        prior = scored.get("prior")
+        if prior is not None:
+            sel = selector_of(estimators, int(prior.get("latent_dim") or 1))
+            if (prior.get("settings") != _jsonable(prior_recovery) or prior.get("selector") != sel
+                    or prior.get("selector_config") != _jsonable(estimators[sel].config())):
+                return False
+    return True
 
 
 def _jsonable(obj):
-    import json
-
     return json.loads(json.dumps(obj, default=str))
 
 
@@ -235,7 +373,8 @@ def evaluate_sweep(folder: str | Path, estimators: dict, prior_recovery: dict | 
     validation log-likelihood) and mean +- standard error over draws of every evaluation metric.
     """
     folder, runs = check_sweep_folder(folder)
-    prior_recovery = prior_recovery or {}
+    prior_recovery = plain_settings(prior_recovery)
+    check_prior_recovery(prior_recovery)
     counts = {"evaluated": 0, "already": 0, "skipped": 0, "failed": 0}
     todo = []
     for path in runs:

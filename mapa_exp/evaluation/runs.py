@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from mapa_exp.errors import ConfigError, check
+from mapa_exp.io import sha256_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -67,14 +68,44 @@ CHECKPOINTS = ("best", "last")
 
 
 def checkpoint_file(path: Path, which: str = "best", key: str = "run") -> Path:
-    """The run's checkpoint to evaluate: ``best`` (the epoch with the best validation bound) or ``last``; a run
-    written before best checkpoints existed has only ``last``, which is then used (and said)."""
+    """The run's checkpoint to evaluate: ``best`` (the epoch with the best validation bound) or ``last``. A missing
+    file is a ConfigError: the evaluation never scores another checkpoint than the one asked for."""
     check(which in CHECKPOINTS, "eval_checkpoint", which, f"must be one of {CHECKPOINTS}")
     f = path / "checkpoints" / f"{which}.ckpt"
-    if not f.exists() and which == "best":
-        log.warning("%s has no checkpoints/best.ckpt: evaluating checkpoints/last.ckpt", path)
-        return path / "checkpoints" / "last.ckpt"
+    other = " (eval_checkpoint=last scores checkpoints/last.ckpt)" if which == "best" else ""
+    check(f.exists(), key, str(path), f"has no checkpoints/{which}.ckpt{other}")
     return f
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """The SHA-256 of a checkpoint file: what an evaluation record names as the weights it scored."""
+    return sha256_bytes(Path(path).read_bytes())
+
+
+def read_checkpoint(path: Path, which: str, key: str = "run") -> tuple[dict, dict]:
+    """A run's checkpoint (``which``: best or last), loaded safely, and the record an evaluation keeps of it:
+    ``{which, file, epoch, sha256}``, ``epoch`` being the epochs trained when its weights were taken."""
+    import io
+
+    import torch
+
+    f = checkpoint_file(path, which, key)
+    data = f.read_bytes()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = ckpt["state_dict"]
+    except Exception as exc:  # truncated, corrupt or foreign: one line, never a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ConfigError(key, str(path), f"checkpoints/{which}.ckpt cannot be loaded ({first}); retrain the run "
+                          "or delete the folder") from exc
+    best = state.get("best_epoch")
+    if which == "best" and best is not None and int(best.reshape(-1)[0]) >= 0:
+        epoch = int(best.reshape(-1)[0]) + 1
+    else:
+        epoch = int(ckpt.get("epoch", -1)) + 1
+    record = {"which": which, "file": str(f.relative_to(path)), "epoch": epoch,
+              "sha256": sha256_bytes(data)}
+    return state, record
 
 
 def load_run(path: str | Path, key: str = "run", checkpoint: str = "best") -> Run:
@@ -85,16 +116,13 @@ def load_run(path: str | Path, key: str = "run", checkpoint: str = "best") -> Ru
     path, cfg, results = read_run_files(path, key)
     datamodule, module = build(cfg)
     datamodule.setup("evaluate")
-    load_member_weights(module, 0, checkpoint_file(path, checkpoint, key), key)
+    load_member_weights(module, 0, read_checkpoint(path, checkpoint, key)[0], path, key)
     module.eval()
     return Run(path=path, cfg=cfg, results=results, datamodule=datamodule, module=module)
 
 
-def load_member_weights(module: torch.nn.Module, e: int, ckpt_path: Path, key: str = "run") -> None:
-    """Load a run's checkpoint (one member) into member e of a (stacked) module, with ``weights_only=True``."""
-    import torch
-
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+def load_member_weights(module: torch.nn.Module, e: int, state: dict, path: Path, key: str = "run") -> None:
+    """Load a run's checkpoint ``state_dict`` (one member) into member e of a (stacked) module."""
     own = module.state_dict()
     try:
         for name, value in state.items():
@@ -108,5 +136,5 @@ def load_member_weights(module: torch.nn.Module, e: int, ckpt_path: Path, key: s
         if missing:
             raise KeyError(f"missing {sorted(missing)[0]}")
     except (RuntimeError, KeyError) as exc:
-        raise ConfigError(key, str(ckpt_path.parent.parent), "checkpoint does not match the run's config "
+        raise ConfigError(key, str(path), "checkpoint does not match the run's config "
                           f"({str(exc).splitlines()[0]})") from exc

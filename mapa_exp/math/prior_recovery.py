@@ -8,22 +8,24 @@ MAPA learns codes but no parametric prior. Two recoveries, both plain classes ho
   monotone map h: ẑ → z regressed on the sorted pairs (ẑ_(k), z_(k)). The recovered generative model
   is ẑ ~ N(0, 1), x ~ p(x | f(h(ẑ))): every N(0, I) evaluator applies with decode = f ∘ h
   (``compose_decoder``), and its log p(x) equals quadrature under the prior of z = h(ẑ)
-  (``quadrature_grid`` maps the standard grid's nodes through h and keeps their weights). Two maps:
+  (``quadrature_grid`` maps the standard grid's nodes through h and keeps their weights). Two kinds of map:
 
-  - ``bins=B`` (**[default]** B = 8): a smooth regression, the monotone cubic (PCHIP, C¹) through the
-    means of B equal-count bins of the sorted pairs, tabulated on 4097 nodes. The pairs wander around
-    the true map like a Brownian bridge (the order statistics' noise); averaging over bins and few knots
-    remove most of it: with a ground truth's own codes and decoder (where the true h is the identity) the
-    recovered model's test KL was <= 0.0013 nats on Circle and Figure-8 (tests/test_prior_recovery.py),
-    against 0.003-0.013 for the interpolating map, whose implied density is a one-spacing estimate;
-  - ``bins=None``: the piecewise-linear interpolation through every pair (exact at the codes).
+  - ``bins=None``: the piecewise-linear interpolation through every pair (exact at the codes);
+  - ``bins=B``: a smooth regression, the monotone cubic (PCHIP, C¹) through the extreme pairs and the means
+    of B equal-count bins of the sorted pairs, tabulated on 4097 nodes. Averaging removes the order
+    statistics' noise (the pairs wander around the true map like a Brownian bridge): with a ground truth's own
+    Gaussian codes the recovered test KL was <= 0.0013 nats on Circle and Figure-8, against 0.003-0.013 for the
+    interpolating map. But learned codes that bunch into tight groups with wide gaps (MAPA on Clusters and
+    Spiral-Dots) make h a staircase, which a cubic through few bin means cannot follow: it spreads prior mass
+    into the gaps (0.59 nats of test KL on Clusters at B = 8, 0.04 interpolating).
 
-  Beyond the outermost knots h continues linearly: the smooth map with its end slopes, the interpolating
-  map with the *secant* slope over the outermost ``tail_knots`` pairs (default 10) rather than the last
-  segment's (the gap between the two most extreme order statistics has a relative spread of order 1,
-  the secant over k knots about 1/sqrt(k)). h is strictly increasing, so h⁻¹ is the same piecewise-linear
-  table with the roles swapped, and the implied density of z (``log_prob``) follows by the change of
-  variables.
+  Which map is best depends on the codes, so none is fixed here: the evaluation fits several and chooses per
+  run on validation data (``mapa_exp.evaluation.priors``). Beyond the extreme codes both maps continue
+  linearly with the *secant* slope over the outermost ``tail_knots`` pairs (default 10; the gap between the
+  two most extreme order statistics has a relative spread of order 1, the secant over k knots about
+  1/sqrt(k)), floored at MIN_SLOPE_RATIO of the overall secant. h is strictly increasing, so h⁻¹ is the same
+  piecewise-linear table with the roles swapped, and the implied density of z (``log_prob``) follows by the
+  change of variables.
 * ``MixturePrior`` (any Dz, the [choice] for Dz > 1): a full-covariance Gaussian mixture fitted
   to the codes with scikit-learn, exposed as torch tensors (``log_prob``, ``sample``). Its prior
   is not N(0, I) and there is no simple map to one, so evaluators take its density instead:
@@ -73,7 +75,7 @@ class CopulaPrior1D:
         self.slope_hi = torch.as_tensor(slope_hi, dtype=z_knots.dtype)  # () dz/dẑ above the last knot
 
     @classmethod
-    def fit(cls, codes: torch.Tensor, tail_knots: int = 10, bins: int | None = 8) -> "CopulaPrior1D":
+    def fit(cls, codes: torch.Tensor, tail_knots: int = 10, bins: int | None = None) -> "CopulaPrior1D":
         """Fit to 1-D codes, shaped (N,) or (N, 1); N >= 2. ``bins``: the smooth map through that many bin means
         (module doc), or None for the interpolating map through every code."""
         if codes.dim() == 2 and codes.shape[1] != 1:
@@ -87,12 +89,9 @@ class CopulaPrior1D:
         z_sorted = torch.sort(z, stable=True).values  # (N,) rank k+1 <-> z_sorted[k]
         u = torch.special.ndtri(torch.arange(1, N + 1, dtype=torch.float64) / (N + 1))  # (N,)
         zhat = (u - u.mean()) / u.std(correction=0)
-        tiny = 1e-12 * max(float(z_sorted[-1] - z_sorted[0]), 1e-12)
+        slope_lo, slope_hi = _tail_slopes(zhat, z_sorted, tail_knots)
         if bins is not None and bins < N:
-            return cls(*_smooth_map(zhat, z_sorted, bins, tiny))
-        k = max(1, min(int(tail_knots), N - 1))
-        slope_lo = ((z_sorted[k] - z_sorted[0]) / (zhat[k] - zhat[0])).clamp_min(tiny)
-        slope_hi = ((z_sorted[-1] - z_sorted[-1 - k]) / (zhat[-1] - zhat[-1 - k])).clamp_min(tiny)
+            return cls(*_smooth_map(zhat, z_sorted, bins, slope_lo, slope_hi))
         return cls(zhat, z_sorted, slope_lo, slope_hi)
 
     def to_latent(self, zhat: torch.Tensor) -> torch.Tensor:
@@ -126,23 +125,47 @@ class CopulaPrior1D:
         return cls(state["zhat_knots"], state["z_knots"], state["slope_lo"], state["slope_hi"])
 
 
-def _smooth_map(zhat: torch.Tensor, z: torch.Tensor, bins: int, tiny: float, nodes: int = 4097):
-    """The monotone cubic through the bin means of the sorted pairs, tabulated (strictly increasing), and
-    its end slopes: (zhat_knots, z_knots, slope_lo, slope_hi)."""
+MIN_SLOPE_RATIO = 1e-3  # an end slope is at least this fraction of the codes' overall secant slope
+
+
+def _tail_slopes(zhat: torch.Tensor, z: torch.Tensor, tail_knots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dz/dẑ beyond the extreme codes: the secant over the outermost ``tail_knots`` pairs at each end, at least
+    MIN_SLOPE_RATIO times the secant from the lowest to the highest code, so that tied extreme codes (a saturated
+    encoder) do not put the tail's mass on one point."""
+    N = z.shape[0]
+    k = max(1, min(int(tail_knots), N - 1))
+    overall = float((z[-1] - z[0]) / (zhat[-1] - zhat[0]))
+    floor = max(MIN_SLOPE_RATIO * overall, 1e-12)
+    lo = ((z[k] - z[0]) / (zhat[k] - zhat[0])).clamp_min(floor)
+    hi = ((z[-1] - z[-1 - k]) / (zhat[-1] - zhat[-1 - k])).clamp_min(floor)
+    return lo, hi
+
+
+def _smooth_map(zhat: torch.Tensor, z: torch.Tensor, bins: int, slope_lo: torch.Tensor, slope_hi: torch.Tensor,
+                nodes: int = 4097):
+    """The monotone cubic (PCHIP) through the extreme pairs and the bin means of the sorted pairs between them,
+    tabulated strictly increasing: (zhat_knots, z_knots, slope_lo, slope_hi).
+
+    The knots reach the extreme codes, so beyond them lies only the copula's own tail mass (about 1/(N+1) at each
+    end), continued with the secant slopes of ``_tail_slopes``; a knot at an outer bin mean instead left about 5%
+    of the mass at each end on a straight extension with PCHIP's end derivative, which on clustered codes was as
+    small as 1e-11 (that mass on one point)."""
     import numpy as np
     from scipy.interpolate import PchipInterpolator
 
     edges = torch.linspace(0, zhat.shape[0], bins + 1).round().long().tolist()
-    kx = np.array([float(zhat[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])])
-    ky = np.array([float(z[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])])
-    ky = np.maximum.accumulate(ky)  # bin means of sorted codes are non-decreasing; guard against rounding
+    mx = [float(zhat[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
+    my = [float(z[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
+    lo, hi = float(zhat[0]), float(zhat[-1])
+    inner = [(x, y) for x, y in zip(mx, my) if lo < x < hi]  # a one-code end bin is the extreme pair itself
+    kx = np.array([lo, *(x for x, _ in inner), hi])
+    ky = np.maximum.accumulate(np.array([float(z[0]), *(y for _, y in inner), float(z[-1])]))  # guard rounding
     f = PchipInterpolator(kx, ky, extrapolate=False)
     xs = np.linspace(kx[0], kx[-1], nodes)
+    tiny = 1e-12 * max(float(z[-1] - z[0]), 1e-12)
     steps = np.maximum(np.diff(f(xs)), tiny * np.diff(xs))  # strictly increasing, so h has an inverse
     ys = ky[0] + np.concatenate([[0.0], np.cumsum(steps)])
-    slope = f.derivative()
-    return (torch.from_numpy(xs), torch.from_numpy(ys), torch.tensor(max(float(slope(kx[0])), tiny)),
-            torch.tensor(max(float(slope(kx[-1])), tiny)))
+    return torch.from_numpy(xs), torch.from_numpy(ys), slope_lo, slope_hi
 
 
 def compose_decoder(decode: Callable[[torch.Tensor], torch.Tensor], prior: CopulaPrior1D):

@@ -33,8 +33,8 @@ def run_pictures(module, e: int, datamodule, prior_recovery: dict | None = None,
     """The figures of member e (module doc), by name; ``prior_recovery`` as the evaluation's."""
     from mapa_exp.evaluation.evaluate import model_of_module
 
-    x = {s: datamodule.member_x(s, e) for s in ("train", "test")}
-    model = model_of_module(module, x["train"], e, **(prior_recovery or {}))
+    x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
+    model = model_of_module(module, x, e, **(prior_recovery or {}))  # the prior chosen on validation data
     truth = datamodule.truth(e)
     gt_decoder = truth.decoder if getattr(truth, "has_ground_truth", True) else None
     out = {}

@@ -5,7 +5,13 @@
 lacks, the run's resolved ``config.yaml`` -- into one row per run x source x metric:
 
     sweep, experiment, run, run_dir, dataset, method, K, S, K_fraction, bandwidth, draw, seed,
-    n_train, batch_size, status, reason, source, metric, value
+    n_train, batch_size, eval_checkpoint, prior, status, reason, source, metric, value
+
+``eval_checkpoint`` (best or last) and ``prior`` (the prior recovery chosen on validation data, e.g.
+``bins=null``; empty for N(0, I) models) are what the run's ``eval.json`` says it scored. Each prior candidate's
+numbers are rows too, named ``<metric>@<candidate>`` (``test_kl/quadrature@bins=8``), so the choice's effect
+can be read off the table. An ``eval.json`` that scored other weights than the run's checkpoint file holds now
+(trained on since) gives rows with status ``stale``.
 
 Nothing is dropped: a failed (or preempted, or still running) run keeps its rows with its status and
 reason, a run that has no numbers gets one row with an empty metric, and a job folder that never wrote
@@ -34,7 +40,7 @@ from mapa_exp.io import atomic_write_bytes
 
 # identity of a run; "seed" is the restart, "draw" the data draw
 CONFIG_COLUMNS = ["sweep", "experiment", "dataset", "method", "K", "S", "K_fraction", "bandwidth", "draw"]
-RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", "eval_checkpoint"]
+RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", "eval_checkpoint", "prior"]
 TIDY_COLUMNS = ["sweep", "experiment", *RUN_COLUMNS, "status", "reason", "source", "metric", "value"]
 INT_COLUMNS = ["K", "S", "seed", "draw", "n_train", "batch_size"]
 FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
@@ -42,7 +48,7 @@ FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
 IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "draw", "run_dir"}
 # columns read from the run's resolved config.yaml (results.json does not carry them)
 FROM_CONFIG = {"K_fraction": "method.K_fraction", "bandwidth": "method.bandwidth", "n_train": "dataset.n_train",
-               "batch_size": "data.batch_size", "eval_checkpoint": "eval_checkpoint"}
+               "batch_size": "data.batch_size"}
 
 SELECT_BY = ("val_loglik/quadrature", "val_loglik/mog_iwae", "val_bound")  # first present wins
 
@@ -136,14 +142,42 @@ def run_rows(folder: Path, sweep: Path) -> list[dict]:
         reason = "no results.json: the job died before training started" if not (folder / "results.json").exists() \
             else "results.json is unreadable"
         return [{**ident, "status": "missing", "reason": reason, "source": "train", "metric": None, "value": np.nan}]
-    rows = _file_rows(ident, "train", results, {k: v for k, v in results.items() if k not in IDENTITY_KEYS})
     evaluation = _read_json(folder / "eval.json")
     if evaluation is not None:
-        rows += _file_rows(ident, "eval", evaluation, evaluation.get("metrics") or {})
+        scored = evaluation.get("scored") or {}
+        ident["eval_checkpoint"] = (scored.get("checkpoint") or {}).get("which", evaluation.get("checkpoint"))
+        ident["prior"] = (scored.get("prior") or {}).get("chosen")
+    rows = _file_rows(ident, "train", results, {k: v for k, v in results.items() if k not in IDENTITY_KEYS})
+    if evaluation is not None:
+        metrics = dict(evaluation.get("metrics") or {})
+        for label, values in (evaluation.get("prior_candidates") or {}).items():
+            metrics.update({f"{k}@{label}": v for k, v in values.items()})
+        eval_rows = _file_rows(ident, "eval", evaluation, metrics)
+        stale = _stale(folder, evaluation)
+        if stale:
+            eval_rows = [{**r, "status": "stale", "reason": stale} for r in eval_rows]
+        rows += eval_rows
     elif (folder / "eval.json").exists():
         rows.append({**ident, "status": "missing", "reason": "eval.json is unreadable", "source": "eval",
                      "metric": None, "value": np.nan})
     return rows
+
+
+def _stale(folder: Path, evaluation: dict) -> str | None:
+    """Why ``eval.json`` no longer describes the run's checkpoint (its file changed or vanished), or None."""
+    from mapa_exp.io import sha256_bytes
+
+    ckpt = ((evaluation.get("scored") or {}).get("checkpoint")) or {}
+    if evaluation.get("status") != "completed" or not ckpt.get("sha256"):
+        return None
+    try:
+        now = sha256_bytes((folder / ckpt["file"]).read_bytes())
+    except OSError:
+        return f"eval.json scored {ckpt['file']}, which is gone; rerun evaluate.py"
+    if now != ckpt["sha256"]:
+        return (f"eval.json scored {ckpt['file']} at epoch {ckpt.get('epoch')}; the run was trained on since; "
+                "rerun evaluate.py")
+    return None
 
 
 def collect(sweeps: Iterable[str | Path]) -> pd.DataFrame:
