@@ -8,6 +8,7 @@ the file beside them; a truncated or corrupted entry is detected, reported and r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -73,6 +74,28 @@ def progress(iterable, desc: str):
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, file=sys.stderr, disable=None, leave=False, mininterval=0.5)
+
+
+CODE_PATHS = ("mapa_exp", "conf", "hydra_plugins", "train.py", "evaluate.py")  # what computes a number
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> dict:
+    """The framework's code as a run records it: ``{"commit": <git HEAD or None>, "dirty": <uncommitted changes to
+    the code (CODE_PATHS), or None>}``; both None outside a git checkout (e.g. a non-editable install)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0 or not (root / "mapa_exp").is_dir():
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                 *CODE_PATHS], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 def sha256_bytes(*chunks: bytes) -> str:

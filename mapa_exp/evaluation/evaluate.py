@@ -41,7 +41,7 @@ from mapa_exp.evaluation.priors import check_prior_recovery, choose, plain_setti
 from mapa_exp.evaluation.runs import (
     Run, check_sweep_folder, checkpoint_file, checkpoint_sha256, load_member_weights, read_checkpoint, read_run_files,
 )
-from mapa_exp.io import ArrayCache, atomic_write_json, content_key, progress
+from mapa_exp.io import ArrayCache, atomic_write_json, code_version, content_key, progress
 from mapa_exp.math.quadrature import MAX_LATENT_DIM
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, esti
     earlier estimators' numbers computed under the same ``scored`` record (the others are removed, with a note),
     and renamed into place: an interrupted or failed evaluation destroys no result."""
     t0 = time.perf_counter()
-    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "checkpoint": checkpoint["which"]}
+    out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "checkpoint": checkpoint["which"],
+                                                  "code": code_version()}
     try:
         x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
         gt = datamodule.truth(e) if has_ground_truth(datamodule) else None

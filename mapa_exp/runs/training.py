@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mapa_exp.config import validate
 from mapa_exp.errors import ConfigError, check
-from mapa_exp.io import atomic_write_json, atomic_write_text
+from mapa_exp.io import atomic_write_json, atomic_write_text, code_version
 from mapa_exp.runs.allocator import check_malloc, keep_freed_memory
 from mapa_exp.runs.callbacks import MemberLogging, StopOnSignal
 from mapa_exp.runs.checkpoints import (
@@ -287,6 +287,7 @@ def _initial_results(m: Member, resume_epoch: int | None, stack_dir: Path | None
         "draw": m.draw,
         "run_dir": str(m.run_dir),
         "resumed_from_epoch": resume_epoch,
+        "code": code_version(),  # the commit that trained it (mapa_exp.io.code_version)
     }
     if stack_dir is not None:
         out.update(stack_dir=str(stack_dir), stack_size=stack_size)
