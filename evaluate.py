@@ -29,7 +29,10 @@ def main(cfg: DictConfig) -> None:
             ll = {k.split("/")[1]: v for k, v in out["metrics"].items() if k.startswith("test_loglik/")}
             shown = ", ".join(f"test KL {v:.4f} nats ({k})" for k, v in kl.items()) or \
                 ", ".join(f"test log-likelihood {v:.4f} nats ({k})" for k, v in ll.items())
-            print(f"evaluated {out['run_dir']} at its {out['checkpoint']} checkpoint: {shown}; wrote eval.json")
+            ckpt, prior = out["scored"]["checkpoint"], out["scored"]["prior"]
+            chosen = f", prior {prior['chosen']} (chosen on validation data)" if prior else ""
+            print(f"evaluated {out['run_dir']} at its {ckpt['which']} checkpoint (epoch {ckpt['epoch']}){chosen}: "
+                  f"{shown}; wrote eval.json")
         else:
             counts = evaluate_sweep(cfg.sweep, build_estimators(cfg), dict(cfg.prior_recovery), cfg.paths.cache_dir,
                                     cfg.eval_checkpoint)

@@ -2,11 +2,13 @@
 
 Exit status: 0 done; 2 bad input (one line `error: key=value: reason`); 1 a run failed (one line, e.g. a
 non-finite loss); 128 + signal number when stopped by SIGTERM/SIGUSR2 (preempted) or SIGINT (interrupted: 130)
-after a checkpoint (rerun the same command in the same folder to resume). In a multirun (`-m`, stacked or not) a failed job does not stop the
-others; the sweep exits with the worst job's status at the end.
+after a checkpoint; it then prints the command that resumes (the same arguments with the folder pinned). In a
+multirun (`-m`, stacked or not) a failed job does not stop the others; the sweep exits with the worst job's
+status at the end.
 """
 
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ _failed_jobs: list[int] = []  # exit statuses of the failed jobs of a multirun
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> list[dict] | None:
+    from mapa_exp.io import FolderBusyError
     from mapa_exp.runs.training import config_error, run_job
 
     run_dir = Path(cfg.paths.run_dir)
@@ -34,7 +37,8 @@ def main(cfg: DictConfig) -> list[dict] | None:
         bad = config_error(exc)
         if bad is None:
             raise
-        if fresh and HydraConfig.get().mode == RunMode.RUN:  # a refused run leaves no folder behind
+        busy = isinstance(bad, FolderBusyError)  # another process's folder: never this one's to remove
+        if fresh and not busy and HydraConfig.get().mode == RunMode.RUN:  # a refused run leaves no folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
         return _exit(EXIT_BAD_INPUT, [f"error: {bad}"])
     failed = [f"error: {r['reason']}" for r in results if r.get("status") == "failed"]
@@ -46,6 +50,7 @@ def main(cfg: DictConfig) -> list[dict] | None:
     stopped = [r for r in results if r.get("status") in ("preempted", "interrupted")]
     if stopped:  # stop here, multirun or not: the signal asks the whole process to stop
         print(f"{stopped[0]['status']}: {stopped[0]['reason']}", file=sys.stderr)
+        print(f"resume with: {resume_command(sys.argv[1:])}", file=sys.stderr)
         sys.exit(128 + stopped[0]["signal"])
     return results
 
@@ -64,6 +69,15 @@ def summary_line(results: dict, evaluated: bool) -> str:
         except (OSError, ValueError, KeyError):
             pass
     return line
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes this run or sweep: the same arguments, with the folder it wrote pinned
+    (``hydra.run.dir``, or ``hydra.sweep.dir`` for a multirun), ready to paste into a shell."""
+    hc = HydraConfig.get()
+    key, folder = ("hydra.sweep.dir", hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else ("hydra.run.dir", hc.run.dir)
+    args = [a for a in argv if not a.startswith(f"{key}=")]
+    return " ".join(shlex.quote(a) for a in ["python", "train.py", *args, f"{key}={Path(folder).resolve()}"])
 
 
 def _exit(status: int, lines: list[str]) -> None:

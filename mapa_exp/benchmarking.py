@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mapa_exp.cli import description
 from mapa_exp.io import atomic_write_text
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -142,7 +143,7 @@ def child_benchmark_cli(doc: str, json_name: str, heading: str, markdown, child,
     ``--docs``, ``--render-only`` and the hidden ``--child``. A child run or ``--render-only`` is handled here
     (returns None); otherwise returns the arguments of the run to do."""
     root = Path(__file__).resolve().parents[1]
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(doc))
     for flag, kwargs in options:
         ap.add_argument(flag, **kwargs)
     ap.add_argument("--cache-dir", default=os.environ.get("MAPA_EXP_CACHE", str(root / "outputs" / ".cache")))

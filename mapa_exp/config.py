@@ -473,8 +473,8 @@ def _check(config_name: str, argv: list[str]) -> None:
             key, _, value = text.partition("=")
             raise ConfigError(key, value, f"cannot be parsed ({str(exc).splitlines()[0]}); quote the value for "
                               f"Hydra inside the shell's quotes, e.g. \"{key}='{value}'\"") from None
-        if ov.is_hydra_override() and not ov.key_or_group.startswith("hydra/"):
-            continue  # hydra.* keys are Hydra's own
+        if ov.is_hydra_override() and not ov.key_or_group.startswith("hydra/") and config_name != "train":
+            continue  # hydra.* keys are Hydra's own (train.py's are composed too: its output folders are checked)
         if ov.is_sweep_override():
             try:
                 values = list(ov.sweep_string_iterator())
@@ -488,12 +488,14 @@ def _check(config_name: str, argv: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             try:
-                cfg = compose(config_name, overrides=first_job)
+                cfg = compose(config_name, overrides=first_job, return_hydra_config=config_name == "train")
             except Exception as exc:  # noqa: BLE001 -- composition errors come in many types
                 raise _composition_error(exc, config_name, first_job, compose) from None
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
+    if config_name == "train":
+        _check_train_job(cfg, any(a in ("-m", "--multirun") for a in argv), argv)
     if config_name == "evaluate":  # the folders too: the same checks evaluate.py makes, before torch loads
         from mapa_exp.evaluation.runs import check_sweep_folder, read_run_files
 
@@ -503,6 +505,73 @@ def _check(config_name: str, argv: list[str]) -> None:
             read_run_files(cfg.run)
         else:
             check_sweep_folder(cfg.sweep)
+
+
+_HELD: list = []  # the folder locks the command-line check took: held until the process ends
+
+
+def _check_train_job(cfg: DictConfig, multirun: bool, argv: list[str]) -> None:
+    """What only the command line tells: ``stack=true`` without ``-m``, an output folder that cannot be written
+    or that another process is writing, and a SLURM launcher where there is no SLURM."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    check(multirun or not cfg.get("stack"), "stack", "true",
+          "groups the jobs of a multirun: add -m (a single run is already a stack of one)")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        folder = str(OmegaConf.select(cfg, key))
+        launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    finally:
+        HydraConfig.instance().cfg = None
+    check_writable_folder(key, folder)
+    if any(a.startswith(f"{key}=") for a in argv):  # a pinned folder: held from now on (re-entrant for training)
+        from mapa_exp.io import FolderLock
+
+        import atexit
+
+        _HELD.append(FolderLock([folder], key, "swept" if multirun else "written").acquire())
+        atexit.register(_HELD[-1].release)
+    if multirun and "slurm" in launcher.lower():
+        check(shutil.which("sbatch") is not None, "hydra/launcher", "slurm",
+              "needs SLURM, and sbatch is not on PATH (on one machine: bash scripts/slurm_cluster.sh start; "
+              "locally: hydra/launcher=joblib)")
+
+
+def check_writable_folder(key: str, folder: str) -> None:
+    """ConfigError unless ``folder`` can be made (or exists) and written, and no other process holds its lock
+    (``mapa_exp.io.FolderLock``). Tried for real -- a probe file, removed at once -- since permission bits do not
+    tell a read-only mount, ``/proc`` or a path through a regular file."""
+    import os
+    import tempfile
+
+    from mapa_exp.io import FolderLock
+
+    path = Path(folder).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check(existing.is_dir(), key, folder, f"cannot be made: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if existing != path:  # the first folder to make, made and removed
+            first = path
+            while first.parent != existing:
+                first = first.parent
+            first.mkdir()
+            first.rmdir()
+    except OSError as exc:
+        raise ConfigError(key, folder, f"cannot be written ({exc.strerror or exc}: {exc.filename or existing})") from None
+    holder = FolderLock.holder(path) if path.is_dir() else None
+    if holder is not None:
+        from mapa_exp.io import FolderBusyError
+
+        raise FolderBusyError(key, folder, f"is being written by {holder}; wait for it to end or use another folder")
 
 
 def _value(override: str):

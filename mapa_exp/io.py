@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 from filelock import FileLock
 
+from mapa_exp.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -81,8 +83,8 @@ CODE_PATHS = ("mapa_exp", "conf", "hydra_plugins", "train.py", "evaluate.py")  #
 
 @functools.lru_cache(maxsize=None)
 def code_version() -> dict:
-    """The framework's code as a run records it: ``{"commit": <git HEAD or None>, "dirty": <uncommitted changes to
-    the code (CODE_PATHS), or None>}``; both None outside a git checkout (e.g. a non-editable install)."""
+    """The framework's code as a run records it: ``{"code_commit": <git HEAD or None>, "code_dirty": <uncommitted
+    changes to the code (CODE_PATHS), or None>}``; both None outside a git checkout (a non-editable install)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -90,12 +92,13 @@ def code_version() -> dict:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
         if head.returncode != 0 or not (root / "mapa_exp").is_dir():
-            return {"commit": None, "dirty": None}
+            return {"code_commit": None, "code_dirty": None}
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
                                  *CODE_PATHS], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+        return {"code_commit": None, "code_dirty": None}
+    return {"code_commit": head.stdout.strip(),
+            "code_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 def sha256_bytes(*chunks: bytes) -> str:
@@ -171,3 +174,105 @@ class ArrayCache:
         except Exception as exc:  # corrupt, truncated or unreadable: rebuild
             log.warning("cache entry %s is invalid (%s); rebuilding it", path, exc)
             return None
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on folders while this process writes them: ``fcntl.flock`` on the folder
+    itself, held until ``release`` (or the process ends: the kernel drops it, so a killed writer never leaves a
+    stale lock). While held, ``<folder>/.lock`` says who holds it (pid, host, since when); it is removed on
+    release, so a finished folder holds nothing extra.
+
+    ``acquire`` takes every folder's lock or none: a folder another process holds raises ``FolderBusyError`` (a
+    ``ConfigError`` naming ``key``, the folder and the holder) before anything is written. Within one process the
+    lock is re-entrant (the command-line check takes a pinned run folder's lock; training takes it again). Where
+    the file system cannot lock (some network mounts) it warns once and goes on unlocked."""
+
+    NAME = ".lock"
+    _held: dict[Path, list] = {}  # folder -> [fd, count]: this process's locks
+
+    def __init__(self, folders, key: str, doing: str = "written"):
+        self.folders = [Path(f).expanduser().resolve() for f in folders]
+        self.key, self.doing, self._mine = key, doing, []
+
+    def acquire(self) -> "FolderLock":
+        import datetime
+        import fcntl
+        import socket
+
+        for folder in self.folders:
+            if folder in self._held:
+                self._held[folder][1] += 1
+                self._mine.append(folder)
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.release()
+                raise FolderBusyError(self.key, str(folder), f"is being {self.doing} by {_holder_text(folder)}; "
+                                      "wait for it to end or use another folder") from None
+            except OSError as exc:  # no locks on this file system
+                log.warning("cannot lock %s (%s); going on without a lock", folder, exc.strerror or exc)
+            since = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+            atomic_write_text(folder / self.NAME, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+            self._held[folder] = [fd, 1]
+            self._mine.append(folder)
+        return self
+
+    @classmethod
+    def holder(cls, folder) -> str | None:
+        """Who else holds ``folder``'s lock now, or None when no other process does (asked without waiting)."""
+        import fcntl
+
+        folder = Path(folder).expanduser().resolve()
+        if folder in cls._held or not folder.is_dir():
+            return None
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return _holder_text(folder)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        import fcntl
+
+        for folder in reversed(self._mine):
+            entry = self._held.get(folder)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._held[folder]
+                try:
+                    (folder / self.NAME).unlink(missing_ok=True)
+                    fcntl.flock(entry[0], fcntl.LOCK_UN)
+                except OSError:
+                    pass
+                finally:
+                    os.close(entry[0])
+        self._mine = []
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder_text(folder: Path) -> str:
+    try:
+        return (folder / FolderLock.NAME).read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+class FolderBusyError(ConfigError):
+    """A folder another process is writing: bad input (exit 2), and the folder is not this process's to remove."""

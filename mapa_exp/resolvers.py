@@ -9,6 +9,8 @@
   where ``${hydra:runtime.cwd}`` fails with "HydraConfig was not set").
 * ``${mapa_run_id:run_dir}`` -- a W&B run id derived from the run folder: a requeued or re-run job (same
   folder) continues its own W&B run, and no two folders share one.
+* ``${mapa_options:group,skip}`` -- the options of a config group (its ``conf/<group>/*.yaml``), comma
+  separated, without those ending in ``skip``: ``train.py --help`` lists what is there.
 * ``${mapa_sweep_group:mode,sweep_dir,output_dir}`` -- a multirun's W&B group: the sweep folder relative
   to the output folder (``multiruns/<date>/<time>``); null for a single run.
 """
@@ -82,10 +84,21 @@ def mapa_run_id(run_dir) -> str:
     return hashlib.sha256(os.path.abspath(str(run_dir)).encode()).hexdigest()[:16]
 
 
+def mapa_options(group, skip=None) -> str:
+    """The options of config group ``group`` (``conf/<group>/*.yaml`` stems, sorted), except names ending in
+    ``skip``."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "conf" / str(group)
+    names = sorted(p.stem for p in folder.glob("*.yaml") if not (skip and p.stem.endswith(str(skip))))
+    return ", ".join(names)
+
+
 def register() -> None:
     """Register every resolver (idempotent)."""
     for name, fn in (("mapa_k", mapa_k), ("mapa_num", mapa_num), ("mapa_concat", mapa_concat), ("mapa_cwd", mapa_cwd),
-                     ("mapa_run_id", mapa_run_id), ("mapa_sweep_group", mapa_sweep_group)):
+                     ("mapa_run_id", mapa_run_id), ("mapa_sweep_group", mapa_sweep_group),
+                     ("mapa_options", mapa_options)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

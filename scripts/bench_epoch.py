@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from mapa_exp.cli import description
+
 ROOT = Path(__file__).resolve().parents[1]
 S_GRID = (1, 10, 100)
 
@@ -132,7 +134,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=15)

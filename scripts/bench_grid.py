@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mapa_exp.cli import description  # noqa: E402
 from mapa_exp.benchmarking import write_markdown_section  # noqa: E402
 
 METHODS = ("vae", "iwae", "mapa", "mapa_gt", "mapa_naive")
@@ -215,7 +216,7 @@ def summary(costs: dict, total: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--dataset", default="figure8")
     ap.add_argument("--restarts", type=int, default=5)
     ap.add_argument("--draws", type=int, default=5)

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mapa_exp.cli import description  # noqa: E402
 from mapa_exp.benchmarking import write_markdown_section  # noqa: E402
 
 VARIANTS = ("slurm_1", "slurm_stacked", "process_per_run", "basic", "joblib", "joblib_stacked")
@@ -149,7 +150,7 @@ def markdown(rows: list[dict], skipped: dict, experiment: str, extra: list[str],
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--experiment", default="paper_density_smoke")
     ap.add_argument("--overrides", nargs="*", default=["evaluate=false"], help="extra overrides for every run")
     ap.add_argument("--variants", default=",".join(VARIANTS))

@@ -37,6 +37,8 @@ import statistics
 import time
 from pathlib import Path
 
+from mapa_exp.cli import description
+
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "Time to a target vs decoder size: MAPA vs IWAE"
 
@@ -358,7 +360,7 @@ def draw(data: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--datasets", nargs="+", default=["figure8", "digits"], choices=["figure8", "digits"])
     p.add_argument("--decoders", nargs="+", default=["2x50", "3x128", "3x256", "3x512"])
     p.add_argument("--S", nargs="+", type=int, default=[10, 50])

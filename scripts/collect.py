@@ -14,11 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from mapa_exp.cli import description
 from mapa_exp.sweeps.results import collect, write_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (or run) folders")
     parser.add_argument("-o", "--out", type=Path, default=None, help="output stem (default: <first sweep>/tidy)")
     args = parser.parse_args(argv)

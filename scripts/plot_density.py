@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mapa_exp.cli import description  # noqa: E402
 from mapa_exp.sweeps.plots import identical_series, kl_axis, legend_right, save, series_styles
 from mapa_exp.sweeps.results import choose_on_validation, mean_se_over_draws, read_table, selection_metric  # noqa: E402
 
@@ -89,7 +90,7 @@ def draw(table, out: Path, metric: str | None = None, select_by: str | None = No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("table", type=Path)
     p.add_argument("-o", "--out", type=Path, default=None, help="default: density.png beside the table")
     p.add_argument("--metric", default=None, help=f"default: the first of {KL_METRICS} in the table")

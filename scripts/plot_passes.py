@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mapa_exp.cli import description  # noqa: E402
 from mapa_exp.sweeps.plots import identical_series, legend_right, log_ticks, save, series_styles
 from mapa_exp.sweeps.results import read_table, series_label, wide  # noqa: E402
 
@@ -93,7 +94,7 @@ def draw(table, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("table", type=Path)
     p.add_argument("-o", "--out", type=Path, default=None, help="default: passes.png beside the table")
     a = p.parse_args(argv)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling plot scr
 import plot_density  # noqa: E402
 import plot_passes  # noqa: E402
 
+from mapa_exp.cli import description  # noqa: E402
 from mapa_exp.io import atomic_write_text  # noqa: E402
 from mapa_exp.sweeps.results import (  # noqa: E402
     best_restarts, choose_on_validation, choose_s, mean_se_over_draws, read_table, selection_metric, series_label,
@@ -477,7 +478,7 @@ def markdown_tables(text: str) -> dict[str, pd.DataFrame]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("tables", nargs="+", type=Path, help="tidy tables (.parquet or .csv) from scripts/collect.py")
     p.add_argument("-o", "--out", type=Path, default=None, help="default: REPORT.md beside the first table")
     p.add_argument("--figures", type=Path, default=None, help="figure folder (default: <report folder>/figures)")

@@ -36,6 +36,23 @@ def evaluated(tmp_path_factory, cache_dir):
     return sweep, runs
 
 
+@pytest.fixture(scope="module")
+def broken(evaluated, tmp_path_factory):
+    """Copies of the completed run without its best checkpoint and with a truncated one, and a regular file."""
+    import shutil
+
+    _, runs = evaluated
+    root = tmp_path_factory.mktemp("broken")
+    nobest, truncated = root / "nobest", root / "truncated"
+    for folder in (nobest, truncated):
+        shutil.copytree(runs[1], folder)
+    (nobest / "checkpoints" / "best.ckpt").unlink()
+    data = (truncated / "checkpoints" / "best.ckpt").read_bytes()
+    (truncated / "checkpoints" / "best.ckpt").write_bytes(data[: len(data) // 2])
+    (root / "a_file").write_text("not a folder\n")
+    return {"nobest": nobest, "truncated": truncated, "file": root / "a_file"}
+
+
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
             if p.is_file()}
@@ -74,32 +91,63 @@ CASES = [
      "evaluator.quadrature.J1d=100", "did you mean evaluator.quadrature.J_1d"),
     ("unknown checkpoint", "evaluate", ["run={run}", "eval_checkpoint=middle"], "eval_checkpoint='middle'",
      "best or last"),
+    # what a new user hit in one afternoon (issue 23), by item
+    ("1: an empty sweep=", "evaluate", ["sweep="], "sweep=''", "is empty"),
+    ("1: an empty run=", "evaluate", ["run="], "run=''", "is empty"),
+    ("3: a second writer of a run folder", "train", [], "hydra.run.dir=", "is being written by pid"),
+    ("3: a second sweep into a sweep folder", "train", ["-m", "hydra.sweep.dir={sweep}"], "hydra.sweep.dir=",
+     "is being written by pid"),
+    ("4: the best checkpoint is missing", "evaluate", ["run={nobest}"], "run=", "has no checkpoints/best.ckpt"),
+    ("4: a truncated best checkpoint", "evaluate", ["run={truncated}"], "run=", "cannot be loaded"),
+    ("5: an output folder that cannot be written", "train", ["hydra.run.dir=/proc/mapa-exp-run"], "hydra.run.dir=",
+     "cannot be written"),
+    ("5: an output folder under a regular file", "train", ["hydra.run.dir={file}/run"], "hydra.run.dir=",
+     "is a file, not a folder"),
+    ("5: a sweep folder under a regular file", "train", ["-m", "hydra.sweep.dir={file}/sweep"], "hydra.sweep.dir=",
+     "is a file, not a folder"),
+    ("5: the SLURM launcher without SLURM", "train", ["-m", "hydra/launcher=slurm"], "hydra/launcher='slurm'",
+     "sbatch is not on PATH"),
+    ("10: stack=true without -m", "train", ["stack=true"], "stack='true'", "add -m"),
+    ("10: the example of conf/local is not a group", "train", ["local.example=default"], "local.example=",
+     "no such key"),
+    ("a prior map that is no map", "evaluate", ["run={run}", "prior_recovery.bins=[null,1]"],
+     "prior_recovery.bins=1", "integer >= 2"),
+    ("a prior map that is no map, at training", "train", ["evaluate=true", "prior_recovery.bins=7x"],
+     "prior_recovery.bins='7x'", "integer >= 2"),
 ]
 
 
-def test_bad_inputs_stop_in_one_line_with_status_2_and_touch_nothing(evaluated, tmp_path, cache_dir):
+def test_bad_inputs_stop_in_one_line_with_status_2_and_touch_nothing(evaluated, broken, tmp_path, cache_dir):
+    from mapa_exp.io import FolderLock
+
     sweep, runs = evaluated
-    before = snapshot(sweep)
     outputs = tmp_path / "outputs"
-    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(outputs), "MAPA_EXP_CACHE": str(cache_dir)}
-    procs = []
-    for case in CASES:
-        name, script, args, _, _ = case
-        args = [a.format(run=runs[0], sweep=sweep) for a in args]
-        if script == "train":  # aimed at the completed run's own folder: a resume would rewrite its results.json
-            args.append(f"hydra.run.dir={runs[0]}")
-        procs.append((case, subprocess.Popen([sys.executable, f"{script}.py", *args], cwd=ROOT, env=env, text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
-        if len(procs) % 4 == 0:  # a few at a time: the machine has 2 cores
-            procs[-4][1].wait(timeout=120)
-    for (name, _, _, start, phrase), proc in procs:
-        _, err = proc.communicate(timeout=120)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2, (name, err[-2000:])
-        assert len(lines) == 1, (name, err[-2000:])
-        assert lines[0].startswith(f"error: {start}") and phrase in lines[0], (name, lines[0])
-    assert snapshot(sweep) == before  # no results.json, eval.json, checkpoint or log changed
-    assert not outputs.exists() or not any(outputs.rglob("results.json"))  # and no run folder was made
+    no_slurm = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                               if not (Path(d) / "sbatch").exists())
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(outputs), "MAPA_EXP_CACHE": str(cache_dir), "PATH": no_slurm}
+    folders = {"run": runs[0], "sweep": sweep, **broken}
+    watched = [sweep, broken["nobest"], broken["truncated"]]
+    with FolderLock([runs[0], sweep], "test", "written"):  # this process writes them: every other is refused
+        before = [snapshot(f) for f in watched]
+        procs = []
+        for case in CASES:
+            name, script, args, _, _ = case
+            args = [a.format(**folders) for a in args]
+            if script == "train" and not any(a.startswith("hydra.run.dir=") for a in args):
+                args.append(f"hydra.run.dir={runs[0]}")  # aimed at the completed run: a resume would rewrite it
+            procs.append((case, subprocess.Popen([sys.executable, f"{script}.py", *args], cwd=ROOT, env=env,
+                                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+            if len(procs) % 4 == 0:  # a few at a time: the machine has 2 cores
+                procs[-4][1].wait(timeout=120)
+        for (name, _, _, start, phrase), proc in procs:
+            _, err = proc.communicate(timeout=120)
+            lines = err.strip().splitlines()
+            assert proc.returncode == 2, (name, err[-2000:])
+            assert len(lines) == 1, (name, err[-2000:])
+            assert lines[0].startswith(f"error: {start}") and phrase in lines[0], (name, lines[0])
+        assert [snapshot(f) for f in watched] == before  # no results.json, eval.json, checkpoint or log changed
+    assert not outputs.exists() or not any(outputs.rglob("*"))  # and no run, sweep or evaluation folder was made
+    assert not Path("/proc/mapa-exp-run").exists()
 
 
 def test_the_command_line_is_checked_without_loading_torch(evaluated):
@@ -209,3 +257,35 @@ def test_a_200_epoch_run_writes_under_50_kb_of_log_and_console(tmp_path, cache_d
     assert size < 50_000, console[-3000:]
     for noise in ("GPU available", "TPU available", "💡", "Tip:", "LeafSpec", "srun", "\r"):
         assert noise not in console, noise
+
+
+def test_help_lists_the_groups_a_user_picks_from_and_nothing_internal():
+    """`train.py --help` is short, names every option of the user's groups (read from conf/) and none of the
+    internal ones (schemas, the surrogate's base config, the git-ignored conf/local example)."""
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(p.stdout.splitlines()) <= 40
+    for group in ("dataset", "method", "experiment", "trainer", "logger", "evaluator", "debug"):
+        for option in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            if not option.stem.endswith("_smoke"):
+                assert option.stem in p.stdout, (group, option.stem)
+    for internal in ("schema/", "local.example", "base:"):
+        assert internal not in p.stdout, internal
+    e = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0 and "schema/" not in e.stdout and "run=<run folder>" in e.stdout
+
+
+def test_every_script_help_description_is_whole_sentences():
+    """Each script's --help description (its docstring's first paragraph, mapa_exp.cli.description) ends a
+    sentence: the first line alone stopped mid-sentence."""
+    import ast
+
+    from mapa_exp.cli import description
+
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(script.read_text()))
+        if doc is None or "argparse" not in script.read_text():
+            continue
+        text = description(doc)
+        assert text.rstrip().endswith((".", ":", ")")), (script.name, text)
+        assert "splitlines()[0]" not in script.read_text(), script.name  # the first line alone: cut mid-sentence

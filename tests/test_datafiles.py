@@ -202,3 +202,26 @@ def test_mapa_gt_on_digits_from_the_cli_is_one_line(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: method='mapa_gt': needs ground-truth codes"), p.stderr
+
+
+def test_data_paths_are_stored_absolute(tmp_path, cache_dir, monkeypatch):
+    """A relative or ~ path is what the user typed in one folder; the run's config.yaml stores the file's absolute
+    path, so evaluating the run from another folder finds the same file."""
+    import yaml
+
+    t = np.random.default_rng(0).uniform(0, 2 * np.pi, 300)
+    x = np.stack([np.cos(t), np.sin(t)], 1)
+    (tmp_path / "data").mkdir()
+    path = write(tmp_path / "data", x_train=x)
+    monkeypatch.chdir(tmp_path / "data")
+    for i, typed in enumerate((f"./{path.name}", f"../data/{path.name}")):
+        run_dir = tmp_path / f"run{i}"
+        cfg = compose_cfg(["dataset=file", f"dataset.path={typed}", "method=iwae", *TRAINER_FAST], run_dir, cache_dir)
+        assert run_training(cfg)["status"] == "completed"
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text())["dataset"]["path"]
+        assert stored == str(path.resolve())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = compose_cfg(["dataset=file", "dataset.path='~/data/" + path.name + "'", "method=iwae", *TRAINER_FAST],
+                      tmp_path / "home", cache_dir)
+    assert run_training(cfg)["status"] == "completed"
+    assert yaml.safe_load((tmp_path / "home" / "config.yaml").read_text())["dataset"]["path"] == str(path.resolve())

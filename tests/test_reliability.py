@@ -180,23 +180,38 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, ref
     assert_same_run(run_dir, reference["mapa"])
 
 
-def test_sigterm_stops_after_a_checkpoint_and_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
-    """SIGTERM (how SLURM preempts): finish the epoch, checkpoint, exit 143 with status preempted; resume exactly."""
-    run_dir = tmp_path / "run"
-    args = [*RESUMABLE, "method=iwae", *fault("slow", "SlowEpochs", seconds=0.1), f"hydra.run.dir={run_dir}"]
-    proc = cli(args, cache_dir)
-    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+def test_sigterm_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly(tmp_path, cache_dir, reference):
+    """SIGTERM (how SLURM preempts): finish the epoch, checkpoint, keep the best weights so far, exit 143 with status
+    preempted and print the command that resumes -- the run folder was not pinned on the command line, so the same
+    command alone would start over -- and that command resumes exactly, saying so."""
+    import shlex
+
+    outputs = tmp_path / "outputs"
+    args = [*RESUMABLE, "method=iwae", *fault("slow", "SlowEpochs", seconds=0.1)]
+    proc = cli(args, cache_dir, env={"MAPA_EXP_OUTPUTS": str(outputs)})
+    deadline = time.monotonic() + 60
+    while not list(outputs.glob("runs/*/*/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines()[-1].startswith("preempted: SIGTERM received")
+    *_, stopped, resume = err.strip().splitlines()
+    assert stopped.startswith("preempted: SIGTERM received")
+    assert resume.startswith("resume with: python train.py ")
+    command = shlex.split(resume[len("resume with: "):])
+    assert command[2:-1] == args and command[-1].startswith("hydra.run.dir=")
+    run_dir = Path(command[-1].partition("=")[2])
     res = results(run_dir)
-    assert res["status"] == "preempted" and res["signal"] == signal.SIGTERM and "rerun" in res["reason"]
+    assert res["status"] == "preempted" and res["signal"] == signal.SIGTERM and "to resume" in res["reason"]
     assert checkpoint(run_dir)["epoch"] == res["epochs"] - 1 < 11  # the checkpoint is of the last epoch run
+    assert (run_dir / "checkpoints" / "best.ckpt").exists()  # the validations done so far are not lost
 
-    again = run_cli(args, cache_dir)
+    again = run_cli(command[2:], cache_dir, env={"MAPA_EXP_OUTPUTS": str(outputs)})
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {run_dir} from checkpoints/last.ckpt: {res['epochs']} epoch(s) done" in again.stdout + again.stderr
     assert results(run_dir)["resumed_from_epoch"] == res["epochs"]
+    assert len(list(outputs.glob("runs/*/*/results.json"))) == 1  # no second run folder
     assert_same_run(run_dir, reference["iwae"])
 
 
@@ -211,9 +226,11 @@ def test_sigint_interrupts_after_a_checkpoint_and_rerun_equals_an_uninterrupted_
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    assert err.strip().splitlines()[-2].startswith("interrupted: ")
+    assert err.strip().splitlines()[-1].startswith("resume with: python train.py ")
+    assert err.strip().splitlines()[-1].endswith(f"hydra.run.dir={run_dir.resolve()}")
     res = results(run_dir)
-    assert res["status"] == "interrupted" and res["signal"] == signal.SIGINT and "rerun" in res["reason"]
+    assert res["status"] == "interrupted" and res["signal"] == signal.SIGINT and "to resume" in res["reason"]
     assert checkpoint(run_dir)["epoch"] == res["epochs"] - 1 < 11
 
     again = run_cli(args, cache_dir)

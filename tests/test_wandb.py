@@ -182,3 +182,22 @@ def test_lost_wandb_service_is_noted_once_and_not_raised(caplog):
     lg.finalize("completed")
     assert lg.lost and len(calls) == 1  # after the first failure nothing more is sent
     assert caplog.text.count("W&B service lost") == 1
+
+
+def test_an_offline_run_says_where_it_is_and_how_to_upload_it(tmp_path, caplog):
+    """Offline (air-gapped clusters, WANDB_MODE=offline), the end of a run names its folder and the sync command."""
+    from mapa_exp.runs.loggers import WandbRun
+
+    folder = tmp_path / "wandb" / "offline-run-20261203_120000-abc"
+
+    class FinishedRun:
+        dir = str(folder / "files")
+
+        def finish(self, exit_code=0):
+            pass
+
+    lg = WandbRun(project="p", save_dir=str(tmp_path), id="abc", offline=True)
+    lg.run = FinishedRun()
+    caplog.set_level("INFO")
+    lg.finalize("completed")
+    assert f"W&B offline run abc: {folder}; upload it with: wandb sync {folder}" in caplog.text

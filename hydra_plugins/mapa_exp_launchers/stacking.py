@@ -9,6 +9,7 @@ launcher is configured. This module only puts the class where Hydra looks for pl
 
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List
@@ -18,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from mapa_exp.io import FolderBusyError, FolderLock
 from mapa_exp.sweeps.stacking import group_jobs
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,18 @@ class StackingSweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        lock = FolderLock([self.config.hydra.sweep.dir], "hydra.sweep.dir", "swept")
+        try:  # one sweeping process per sweep folder (a second one is refused at once, in one line)
+            lock.acquire()
+        except FolderBusyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        try:
+            return self._sweep(arguments)
+        finally:
+            lock.release()
+
+    def _sweep(self, arguments: List[str]) -> Any:
         if not self.config.get("stack", False):
             return super().sweep(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)

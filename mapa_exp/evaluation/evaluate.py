@@ -91,6 +91,8 @@ def ground_truth_scores(gt, x_fit: torch.Tensor, x_test: torch.Tensor, estimator
     """log p_GT(x_test) per point by ``estimator``, cached by (data, truth's weights, estimator config)."""
     weights = [p.detach().numpy() for p in gt.decoder.parameters()]
     key = content_key(x_fit.numpy(), x_test.numpy(), *weights, repr(gt.likelihood), estimator.name, estimator.config())
+    if key in _GT_SCORES:  # every prior candidate of a run is compared with the same truth's scores
+        return _GT_SCORES[key]
 
     def build():
         res, _ = estimator.evaluate(standard_model(gt.decoder, gt.likelihood, gt.latent_dim), x_fit, {"test": x_test})
@@ -99,7 +101,13 @@ def ground_truth_scores(gt, x_fit: torch.Tensor, x_test: torch.Tensor, estimator
 
     arrays = cache.load_or_build("gt_loglik", key, build)[0] if cache is not None else build()
     se = torch.from_numpy(arrays["se"])
-    return torch.from_numpy(arrays["ll"]), (None if torch.isnan(se).all() else se)
+    if len(_GT_SCORES) > 64:
+        _GT_SCORES.clear()
+    _GT_SCORES[key] = torch.from_numpy(arrays["ll"]), (None if torch.isnan(se).all() else se)
+    return _GT_SCORES[key]
+
+
+_GT_SCORES: dict = {}  # this process's ground-truth scores by cache key
 
 
 def has_ground_truth(datamodule) -> bool:
@@ -234,7 +242,7 @@ def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, esti
     and renamed into place: an interrupted or failed evaluation destroys no result."""
     t0 = time.perf_counter()
     out = {k: results.get(k) for k in IDENTITY} | {"run_dir": str(path), "checkpoint": checkpoint["which"],
-                                                  "code": code_version()}
+                                                  **code_version()}
     try:
         x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
         gt = datamodule.truth(e) if has_ground_truth(datamodule) else None
@@ -243,7 +251,9 @@ def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, esti
             model = standard_model(module.generative_decoder(e), module.likelihood, module.latent_dim)
             scored = scored_record(checkpoint)
         else:
+            log.info("%s: fitting and scoring the prior candidates on validation data", path.name)
             choice = _prior_choice(module, e, x, estimators, prior_recovery, gt, cache)
+            log.info("%s: prior %s chosen by val_loglik/%s", path.name, choice["label"], choice["selector"])
             model, candidates = choice["model"], choice["candidates"]
             sel = choice["selector"]
             scored = scored_record(checkpoint, prior_recovery, (sel, estimators[sel].config()), choice["label"],
@@ -251,6 +261,7 @@ def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, esti
             blocks[sel] = choice["scores"][choice["label"]]
         for name, est in estimators.items():
             if name not in blocks:
+                log.info("%s: scoring with %s", path.name, name)
                 blocks[name] = _score(model, name, est, x, gt, cache)
     except Exception as exc:
         earlier = _read_eval(path)
@@ -262,7 +273,7 @@ def _evaluate_member(path: Path, results: dict, module, e: int, datamodule, esti
     for name, b in blocks.items():
         metrics.update(b["metrics"])
         diagnostics[name] = {**b["diagnostics"], "config": estimators[name].config(), "metrics": sorted(b["metrics"]),
-                             "scored": scored}
+                             "scored": scored, **code_version()}
     notes = []
     earlier = _read_eval(path)
     if earlier is not None and earlier.get("status") == "completed":

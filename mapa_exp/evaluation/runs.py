@@ -42,6 +42,7 @@ def find_runs(folder: str | Path) -> list[Path]:
 
 def read_run_files(path: str | Path, key: str = "run") -> tuple[Path, DictConfig, dict]:
     """The resolved config and results of a completed run, or a ConfigError saying why not."""
+    check(str(path).strip() != "", key, str(path), "is empty: give a run folder")
     path = Path(path).expanduser().resolve()
     check(path.is_dir(), key, str(path), "is not a folder")
     results_file, cfg_file = path / "results.json", path / "config.yaml"
@@ -56,6 +57,7 @@ def read_run_files(path: str | Path, key: str = "run") -> tuple[Path, DictConfig
 
 def check_sweep_folder(folder: str | Path) -> tuple[Path, list[Path]]:
     """The resolved sweep folder and its run folders, or a ConfigError saying why it is not one."""
+    check(str(folder).strip() != "", "sweep", str(folder), "is empty: give a multirun folder")
     folder = Path(folder).expanduser().resolve()
     check(folder.is_dir(), "sweep", str(folder), "is not a folder")
     check(not (folder / "results.json").exists(), "sweep", str(folder), "is a run folder; use run=<folder>")

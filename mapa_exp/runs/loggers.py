@@ -200,5 +200,10 @@ class WandbRun(MemberLogger):
     def finalize(self, status: str) -> None:
         if self.run is None or self.lost:
             return
+        folder = getattr(self.run, "dir", None)  # <save_dir>/wandb/<offline-run-...>/files
         self._guarded(self.run.finish, exit_code=0 if status in ("completed", "success") else 1)
         self.run = None
+        if self.settings["mode"] == "offline" and folder:
+            run_folder = Path(folder).parent
+            log.info("W&B offline run %s: %s; upload it with: wandb sync %s", self.settings["id"], run_folder,
+                     run_folder)

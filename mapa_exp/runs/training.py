@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mapa_exp.config import validate
 from mapa_exp.errors import ConfigError, check
-from mapa_exp.io import atomic_write_json, atomic_write_text, code_version
+from mapa_exp.io import FolderLock, atomic_write_json, atomic_write_text, code_version
 from mapa_exp.runs.allocator import check_malloc, keep_freed_memory
 from mapa_exp.runs.callbacks import MemberLogging, StopOnSignal
 from mapa_exp.runs.checkpoints import (
@@ -42,6 +42,7 @@ from mapa_exp.runs.members import Member, is_stacked, members_of
 
 log = logging.getLogger(__name__)
 
+RESUME = "to resume, run the command train.py printed (the same arguments, this folder pinned)"
 CHUNK_ROWS_CPU = 32768  # chunk_rows=auto on the CPU: network rows per forward/backward chunk of members
 STACK_FILE = "stack.json"
 
@@ -160,6 +161,7 @@ def run_job(cfg: DictConfig) -> list[dict]:
     nt = cfg.get("num_threads")
     check(nt is None or (isinstance(nt, int) and nt >= 1), "num_threads", nt, "must be an integer >= 1 or null")
     check_malloc(_malloc(cfg))
+    _absolute_data_path(cfg)
     members = members_of(cfg)
     for m in members:
         check(isinstance(m.seed, int) and 0 <= m.seed < 2**32, "seed", m.seed, "must be an integer in [0, 2**32)")
@@ -169,9 +171,20 @@ def run_job(cfg: DictConfig) -> list[dict]:
         log.info("every run of this job already completed; nothing to do")
         return [done[m.index] for m in members]
     stack_dir = Path(cfg.paths.run_dir)
+    stacked = is_stacked(cfg)
+    # one writer per folder: a second process is refused here, before it reads or writes anything
+    lock = FolderLock([stack_dir, *(m.run_dir for m in todo)], "hydra.run.dir" if not stacked else "run folder")
+    with lock:
+        return _run_members(cfg, members, todo, done, stack_dir, stacked)
+
+
+def _run_members(cfg: DictConfig, members: list[Member], todo: list[Member], done: dict, stack_dir: Path,
+                 stacked: bool) -> list[dict]:
+    """``run_job`` for the members still to train (``todo``), the folders locked."""
     identities = [run_identity(m.cfg) for m in todo]
     resume = _resume_point(stack_dir / "checkpoints" / "last.ckpt", identities)  # checked before anything is touched
-    stacked = is_stacked(cfg)
+    if resume is not None:
+        log.info("resuming %s from checkpoints/last.ckpt: %d epoch(s) done", stack_dir, resume.epochs)
     t0 = time.perf_counter()
     results = {m.index: _initial_results(m, resume.epochs if resume else None, stack_dir if stacked else None,
                                          len(todo)) for m in todo}
@@ -188,12 +201,10 @@ def run_job(cfg: DictConfig) -> list[dict]:
         outcome = _outcome(fit, todo)
     except SIGTERMException:  # SIGTERM before StopOnSignal took over: Lightning stopped mid-epoch, saving nothing
         outcome = {m.index: dict(status="preempted", signal=int(signal.SIGTERM), reason="SIGTERM received before "
-                   "training started; rerun the same command in this folder to resume from the last checkpoint, "
-                   "if any") for m in todo}
+                   f"training started; {RESUME} from the last checkpoint, if any") for m in todo}
     except KeyboardInterrupt:  # Ctrl-C outside the epochs StopOnSignal guards, or a second one
         outcome = {m.index: dict(status="interrupted", signal=int(signal.SIGINT), reason="interrupted (SIGINT) "
-                   "before an epoch's end; rerun the same command in this folder to resume from the last "
-                   "checkpoint, if any") for m in todo}
+                   f"before an epoch's end; {RESUME} from the last checkpoint, if any") for m in todo}
     except BaseException as exc:
         cause = config_error(exc) or _root_cause(exc)
         for m in todo:
@@ -204,7 +215,8 @@ def run_job(cfg: DictConfig) -> list[dict]:
     for m in todo:
         results[m.index].update(outcome[m.index])
     completed = [(e, m) for e, m in enumerate(todo) if results[m.index]["status"] == "completed"]
-    if completed:
+    stopped = any(results[m.index]["status"] in STOPPED for m in todo)
+    if (completed or stopped) and (stack_dir / "checkpoints" / "last.ckpt").exists():
         _write_member_checkpoints(stack_dir / "checkpoints" / "last.ckpt", todo, results, stacked)
     _write_results(results, todo, stack_dir if stacked else None, t0)
     try:
@@ -287,7 +299,7 @@ def _initial_results(m: Member, resume_epoch: int | None, stack_dir: Path | None
         "draw": m.draw,
         "run_dir": str(m.run_dir),
         "resumed_from_epoch": resume_epoch,
-        "code": code_version(),  # the commit that trained it (mapa_exp.io.code_version)
+        **code_version(),  # code_commit, code_dirty: the code that trained it (mapa_exp.io.code_version)
     }
     if stack_dir is not None:
         out.update(stack_dir=str(stack_dir), stack_size=stack_size)
@@ -369,7 +381,7 @@ def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
     skipped = module.skipped_batches.tolist()
     if stop is not None and stop.received is not None and not _training_finished(trainer):
         reason = (f"{signal.Signals(stop.received).name} received; stopped after epoch {trainer.current_epoch} of "
-                  f"{trainer.max_epochs} and its checkpoint; rerun the same command in this folder to resume")
+                  f"{trainer.max_epochs} and its checkpoint; {RESUME}")
         status = "interrupted" if stop.received == signal.SIGINT else "preempted"
         return {m.index: {"status": status, "signal": int(stop.received), "epochs": trainer.current_epoch,
                           "skipped_batches": skipped[e], "reason": reason} for e, m in enumerate(members)}
@@ -394,16 +406,32 @@ def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
     return out
 
 
+STOPPED = ("interrupted", "preempted")  # a signal stopped the member after a checkpoint: it resumes later
+
+
 def _write_member_checkpoints(stack_ckpt: Path, members: list[Member], results: dict, stacked: bool) -> None:
-    """Each completed member's ``checkpoints/best.ckpt`` (its weights at its best validation bound) and, in a
-    stack, its own ``checkpoints/last.ckpt``: its slice of the stack's, a complete checkpoint."""
+    """Each completed or stopped member's ``checkpoints/best.ckpt`` (its weights at its best validation bound so
+    far) and, for a completed member of a stack, its own ``checkpoints/last.ckpt``: its slice of the stack's, a
+    complete checkpoint (a stopped stack resumes from the stack's own)."""
     ckpt = load_checkpoint_safely(stack_ckpt)
     for e, m in enumerate(members):
-        if results[m.index]["status"] == "completed":
+        status = results[m.index]["status"]
+        if status == "completed" or status in STOPPED:
             own = slice_checkpoint(ckpt, [e]) if stacked else ckpt
-            if stacked:
+            if stacked and status == "completed":
                 save_checkpoint(own, m.run_dir / "checkpoints" / "last.ckpt")
             save_checkpoint(best_checkpoint(own), m.run_dir / "checkpoints" / "best.ckpt")
+
+
+def _absolute_data_path(cfg: DictConfig) -> None:
+    """A data file's path as the run stores it: ``~`` expanded and relative to the launch folder, made absolute,
+    so that the run's config.yaml still finds the file from another folder."""
+    from omegaconf import open_dict, read_write
+
+    path = OmegaConf.select(cfg, "dataset.path", default=None)
+    if isinstance(path, str) and path:
+        with read_write(cfg), open_dict(cfg):
+            cfg.dataset.path = str(Path(path).expanduser().resolve())
 
 
 def _build_trainer(cfg: DictConfig, callbacks: list, datamodule) -> L.Trainer:
