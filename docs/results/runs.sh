@@ -2,18 +2,39 @@
 # The training sweeps behind docs/results/, part by part, from a fixed commit in a git worktree.
 #
 #   bash docs/results/runs.sh <part> [commit]      # part: density | draws34 | bandwidth | aggressive | list
+#   bash docs/results/runs.sh evaluate <part> <evaluation commit> [training commit]
 #
 # Each sweep has a fixed folder under $RUNS (default /work/runs/<commit>), so the same command resumes: completed
 # members are skipped, unfinished ones resume from their checkpoints. Two sweeps run at a time (one per core),
 # each one job after the other (stacked: a configuration's restarts x draws train as one model). Training only
 # (evaluate=false): the evaluation runs afterwards, from the evaluation commit, with `evaluate.py sweep=`.
 set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+PAR=${PAR:-2}
+
+tree_of() {  # a worktree of the commit, with its own environment (its package, not the checkout's)
+  local tree=/work/trees/$1
+  if [ ! -d "$tree" ]; then git -C "$here" worktree add --detach "$tree" "$1" >&2; fi
+  if [ ! -x "$tree/.venv/bin/python" ]; then
+    (cd "$tree" && python3 -m venv .venv && .venv/bin/pip install -q -r requirements-cpu.txt -e . >&2)
+  fi
+  echo "$tree"
+}
+
+if [ "${1:-}" = evaluate ]; then  # score every run of a part's sweeps (exact quadrature), resumable
+  part=${2:?usage: runs.sh evaluate <part> <evaluation commit> [training commit]}
+  etree=$(tree_of "${3:?the evaluation commit}")
+  RUNS=${RUNS:-/work/runs/${4:-7359012}}
+  cd "$etree" && . .venv/bin/activate
+  export MAPA_EXP_OUTPUTS=$RUNS/outputs WANDB_MODE=offline MPLBACKEND=Agg
+  ls -d "$RUNS/$part"/*/ | xargs -P "$PAR" -I{} bash -c \
+    'python evaluate.py sweep={} evaluator=quadrature >> {}.eval.log 2>&1; echo "$(date -u +%FT%TZ) evaluated {} rc=$?" >> '"$RUNS/$part"'/progress.log'
+  exit 0
+fi
+
 part=${1:?usage: runs.sh <part> [commit]}
 commit=${2:-7359012}
-here=$(cd "$(dirname "$0")/../.." && pwd)
-tree=${TREE:-/work/trees/$commit}
 RUNS=${RUNS:-/work/runs/$commit}
-PAR=${PAR:-2}
 
 datasets="clusters spiral figure8 circle absolute_value"
 mapa_family="mapa mapa_gt mapa_naive"
@@ -49,11 +70,7 @@ commands() {
 if [ "$part" = list ]; then for p in density draws34 bandwidth aggressive; do commands $p | sed "s/^/$p /"; done; exit 0; fi
 commands "$part" >/dev/null  # a bad part name stops here
 
-if [ ! -d "$tree" ]; then git -C "$here" worktree add --detach "$tree" "$commit"; fi
-cd "$tree"
-if [ ! -x .venv/bin/python ]; then  # its own environment: the tree's package, not the checkout's
-  python3 -m venv .venv && .venv/bin/pip install -q -r requirements-cpu.txt -e .
-fi
+cd "$(tree_of "$commit")"
 . .venv/bin/activate
 mkdir -p "$RUNS/$part"
 export MAPA_EXP_OUTPUTS=$RUNS/outputs WANDB_MODE=offline MPLBACKEND=Agg
