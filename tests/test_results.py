@@ -18,7 +18,7 @@ from mapa_exp.sweeps.results import (
     TIDY_COLUMNS, best_restarts, collect, mean_se_over_draws, read_table, selection_metric, series_label,
     tidy_frame, write_table,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, script_env
 
 
 def load_script(name: str):
@@ -167,15 +167,61 @@ def test_collect_keeps_every_run_and_marks_the_failed_ones(tmp_path):
     assert not list((tmp_path / "tables").glob("*.tmp"))  # atomic writes leave no temporaries
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def test_collect_reads_the_validation_interval_and_the_code_commits(tmp_path):
+    """val_every from the run's config; train_commit / eval_commit from results.json / eval.json ("+dirty" for a
+    worktree with changes); --train-commit / --eval-commit fill only the runs whose files record none."""
+    sweep = tmp_path / "sweep"
+    ident = dict(dataset="circle", method="mapa", K=1, S=2, draw=1, status="completed", val_bound=-1.0)
+    cfg = CFG + "trainer: {{check_val_every_n_epoch: 5}}\n"
+    _run_folder(sweep, "0_new", dict(ident, seed=0, code={"commit": COMMIT, "dirty": False}),
+                dict(ident, seed=0, code={"commit": OTHER, "dirty": True}, metrics={"test_kl/quadrature": 0.5}),
+                cfg.format(seed=0, method="mapa"))
+    _run_folder(sweep, "1_old", dict(ident, seed=1), dict(ident, seed=1, metrics={"test_kl/quadrature": 0.5}),
+                cfg.format(seed=1, method="mapa"))
+    _run_folder(sweep, "2_not_evaluated", dict(ident, seed=2), None, cfg.format(seed=2, method="mapa"))
+    _run_folder(sweep, "3_never_trained", None, None, cfg.format(seed=3, method="mapa"))
+    runs = collect([sweep]).drop_duplicates("run").set_index("run")
+    assert runs["val_every"].tolist() == [5, 5, 5, 5]
+    assert runs.loc["0_new", "train_commit"] == COMMIT and runs.loc["0_new", "eval_commit"] == OTHER + "+dirty"
+    assert runs[["train_commit", "eval_commit"]].iloc[1:].isna().all().all()
+
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep), "--train-commit", OTHER.upper(),
+                        "--eval-commit", COMMIT], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    runs = read_table(sweep / "tidy.parquet").drop_duplicates("run").set_index("run")
+    assert runs["train_commit"].fillna("none").to_dict() == {  # a recorded commit is kept
+        "0_new": COMMIT, "1_old": OTHER, "2_not_evaluated": OTHER, "3_never_trained": "none"}
+    assert runs["eval_commit"].fillna("none").to_dict() == {"0_new": OTHER + "+dirty", "1_old": COMMIT,
+                                                            "2_not_evaluated": "none", "3_never_trained": "none"}
+
+
+def test_collect_refuses_a_commit_that_is_not_a_full_sha(tmp_path):
+    sweep = tmp_path / "sweep"
+    _run_folder(sweep, "0_run", dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=0, status="completed",
+                                     val_bound=-1.0), None, CFG.format(seed=0, method="mapa"))
+    for option, value in (("--train-commit", "abc123"), ("--eval-commit", "g" * 40)):
+        p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep), option, value], cwd=ROOT,
+                           env=script_env(), capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+            f"error: {option}={value}: must be a full 40-hex git commit (git rev-parse <revision>)"]
+        assert not (sweep / "tidy.parquet").exists() and not (sweep / "tidy.csv").exists()
+
+
 def test_collect_cli_writes_csv_and_parquet(tmp_path):
     sweep = tmp_path / "sweep"
     _run_folder(sweep, "0_circle_mapa", dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=0,
                                             status="completed", val_bound=-1.0), None, CFG.format(seed=0, method="mapa"))
-    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=ROOT, env=script_env(),
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "1 runs, 1 rows (train completed: 1)" in p.stdout
     assert read_table(sweep / "tidy.parquet")["value"].tolist() == [-1.0]
-    p = subprocess.run([sys.executable, "scripts/collect.py", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(tmp_path / "nope")], cwd=ROOT, env=script_env(),
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error: sweeps=")
 
 
