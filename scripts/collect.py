@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mapa_exp.sweeps.results import checked_commit, collect, fill_commits, write_table
+from mapa_exp.sweeps.results import checked_commit, collect, table_with_commits, write_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, commit in (("--train-commit", args.train_commit), ("--eval-commit", args.eval_commit)):
             if commit is not None:
                 checked_commit(commit, key)  # refused before any folder is read
-        table = fill_commits(collect(args.sweeps), args.train_commit, args.eval_commit)
+        table = table_with_commits(collect(args.sweeps), args.train_commit, args.eval_commit)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from mapa_exp.reporting.priors import FIXED_MAP, rules_in, runs_lacking_candidate, table_under_prior
+from mapa_exp.reporting.priors import FIXED_MAP, prior_rules_in, runs_lacking_candidate, table_under_prior
 from mapa_exp.reporting.summaries import DensityChoice, density_choice
 from mapa_exp.sweeps.statistics import OUTCOMES, directional, equivalent, paired_difference
 
@@ -126,12 +126,12 @@ def efficiency_claims(passes: pd.DataFrame) -> pd.DataFrame:
 
 
 def claims_under_prior_rules(table: pd.DataFrame, select_by: str) -> pd.DataFrame:
-    """The density claims under every prior rule the table allows (``rules_in``): the table rewritten by
+    """The density claims under every prior rule the table allows (``prior_rules_in``): the table rewritten by
     ``table_under_prior`` -- MAPA-family runs read with that candidate's numbers in every step (restart, K
     fraction, S, claim), VAE and IWAE with their own -- then ``density_claims``. Long: ``rule``, ``candidate``
     (None: validation-chosen), ``left_out`` (MAPA-family runs without that candidate), and the claim columns."""
     frames = []
-    for rule, candidate in rules_in(table):
+    for rule, candidate in prior_rules_in(table):
         choice = density_choice(table_under_prior(table, candidate), select_by)
         if choice is None:
             continue

@@ -12,7 +12,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from mapa_exp.reporting.markdown import method_sort_key
-from mapa_exp.reporting.summaries import ACCOUNTINGS, mapa_max
+from mapa_exp.reporting.summaries import ACCOUNTINGS, mapa_n_and_b
 from mapa_exp.sweeps.plots import coinciding_style, identical_series, kl_axis, legend_right, log_ticks, method_styles
 
 matplotlib.use("Agg")
@@ -98,7 +98,7 @@ def passes_figure(passes: pd.DataFrame) -> Figure:
                 style = coinciding_style(styles[lab]) if lab in on else styles[lab]
                 ax.plot(c["S"].astype(float), c["passes_per_point"], label=lab, **{"markersize": 5, **style})
             same |= {f"{first} = {lab}" for lab, first in on.items()}
-            nb = mapa_max(d)
+            nb = mapa_n_and_b(d)
             if nb is not None:
                 cap = factor * nb[0] / nb[1]
                 ax.axhline(cap, color="grey", ls="--", lw=1)

@@ -11,16 +11,16 @@ NO_EXPERIMENT = "(no experiment)"  # a run whose sweep named no experiment
 NOT_RECORDED = "not recorded"
 
 
-def missing(value) -> bool:
+def is_missing(value) -> bool:
     """Whether ``value`` is None, NA or NaN."""
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def mean_se_text(mean: float, se: float | None = None, digits: int = 3) -> str:
     """"0.300 ± 0.153", "0.300" without a standard error, "–" without a mean."""
-    if missing(mean):
+    if is_missing(mean):
         return "–"
-    if missing(se):
+    if is_missing(se):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
@@ -35,7 +35,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join("" if missing(v) else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join("" if is_missing(v) else str(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -53,12 +53,12 @@ def range_text(counts: pd.Series) -> str:
 
 def integers_text(values) -> str:
     """The distinct integers of ``values``, sorted, comma-separated ("?" when there are none)."""
-    return ", ".join(str(int(v)) for v in sorted({int(v) for v in values if not missing(v)})) or "?"
+    return ", ".join(str(int(v)) for v in sorted({int(v) for v in values if not is_missing(v)})) or "?"
 
 
 def experiment_name(value) -> str:
     """The experiment's name, or ``NO_EXPERIMENT`` for a sweep that named none."""
-    return NO_EXPERIMENT if missing(value) or not str(value) else str(value)
+    return NO_EXPERIMENT if is_missing(value) or not str(value) else str(value)
 
 
 def counted_text(counts: pd.Series, unit: str = "runs") -> str:

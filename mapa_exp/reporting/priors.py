@@ -28,20 +28,20 @@ def candidate_sort_key(label: str) -> tuple:
     return (order, int(value), label) if value.isdigit() else (order, 1 << 30, label)
 
 
-def candidate_rows(table: pd.DataFrame) -> pd.Series:
+def candidate_row_mask(table: pd.DataFrame) -> pd.Series:
     """Whether each row is a candidate's number (its metric carries ``@<candidate>``)."""
     return table["metric"].fillna("").str.contains(CANDIDATE_MARK, regex=False)
 
 
 def candidate_labels(table: pd.DataFrame) -> list[str]:
     """The prior candidates the table has numbers for, in ``candidate_sort_key`` order."""
-    metrics = table.loc[candidate_rows(table), "metric"]
+    metrics = table.loc[candidate_row_mask(table), "metric"]
     return sorted({m.split(CANDIDATE_MARK, 1)[1] for m in metrics}, key=candidate_sort_key)
 
 
 def runs_with_candidates(table: pd.DataFrame) -> set[str]:
     """The runs (``run_dir``) that have candidate rows: the ones whose prior was recovered and chosen."""
-    return set(table.loc[candidate_rows(table), "run_dir"])
+    return set(table.loc[candidate_row_mask(table), "run_dir"])
 
 
 def runs_lacking_candidate(table: pd.DataFrame, candidate: str) -> set[str]:
@@ -56,7 +56,7 @@ def table_under_prior(table: pd.DataFrame, candidate: str | None) -> pd.DataFram
     the candidate); a run without that candidate loses them, so no step can choose it. Runs without candidate
     rows (VAE, IWAE) keep their plain metrics. ``candidate=None``: the plain metrics (the chosen candidate's),
     without the candidate rows. Either way no candidate rows are left."""
-    is_candidate = candidate_rows(table)
+    is_candidate = candidate_row_mask(table)
     if candidate is None:
         return table[~is_candidate].reset_index(drop=True)
     split = table["metric"].fillna("").str.split(CANDIDATE_MARK, n=1)
@@ -71,7 +71,7 @@ def table_under_prior(table: pd.DataFrame, candidate: str | None) -> pd.DataFram
     return out.reset_index(drop=True)
 
 
-def rules_in(table: pd.DataFrame) -> list[tuple[str, str | None]]:
+def prior_rules_in(table: pd.DataFrame) -> list[tuple[str, str | None]]:
     """The ``PRIOR_RULES`` the table can be judged under: a fixed candidate's rule where it has that
     candidate's numbers, the validation-chosen rule always."""
     present = set(candidate_labels(table))

@@ -74,9 +74,9 @@ def report_sections(tables: Mapping[str, pd.DataFrame], generated: datetime, fig
     plain = table_under_prior(table, None)  # the chosen candidate's numbers: the report's own rule
     choice = density_choice(plain, select_by)
     passes = passes_summary(density_rows(plain))
-    by_rule = claims_under_prior_rules(table, select_by) if choice is not None else pd.DataFrame()
+    by_rule = claims_under_prior_rules(table, select_by)  # no rows without a test KL
     evaluators = evaluators_section(plain)
-    sections = [header_section(table, list(tables), generated), changes_section(by_rule) if len(by_rule) else None,
+    sections = [header_section(table, list(tables), generated), changes_section(by_rule),
                 scale_section(plain), selection_section(table, select_by), runs_section(table), code_section(tables),
                 density_section(choice, figure_link), claims_section(choice, passes),
                 sensitivity_section(table, by_rule), evaluators, bandwidth_section(plain, select_by),

@@ -43,7 +43,7 @@ from mapa_exp.reporting.summaries import (
     draws_per_configuration,
     experiment_rows,
     kl_metric,
-    mapa_max,
+    mapa_n_and_b,
 )
 from mapa_exp.sweeps.results import best_restarts, mean_se_over_draws, series_label
 
@@ -113,16 +113,16 @@ def changes_section(by_rule: pd.DataFrame) -> Section | None:
     out = ["## What changed since the last report, and why", ""]
     rule = "the fixed 8-bin map (`@bins=8`, the last report's rule) and the map chosen per run on validation data"
     if changes.empty:
-        out += [f"No density claim's verdict differs between {rule}.", ""]
-    else:
-        shown = pd.DataFrame({
-            "dataset": changes["dataset"], "claim": changes["claim"].map(_claim_text),
-            "fixed 8-bin map": changes["verdict_before"], "validation-chosen map": changes["verdict_now"],
-            "MAPA test KL": [f"{a:.3f} → {b:.3f}" for a, b in zip(changes["mapa_kl_before"],
-                                                                  changes["mapa_kl_now"])]})
-        out += [f"{len(changes)} density claim{'s' if len(changes) > 1 else ''} change verdict between {rule}:", "",
-                markdown_table(shown), ""]
-    out += ["Why: the MAPA family's prior map was a fixed 8-bin smooth map; it is now chosen per run by validation "
+        out += [f"No density claim's verdict differs between {rule} (docs/method.md §6).", ""]
+        return Section("changes", "\n".join(out), {"changes": changes})
+    shown = pd.DataFrame({
+        "dataset": changes["dataset"], "claim": changes["claim"].map(_claim_text),
+        "fixed 8-bin map": changes["verdict_before"], "validation-chosen map": changes["verdict_now"],
+        "MAPA test KL": [f"{a:.3f} → {b:.3f}" for a, b in zip(changes["mapa_kl_before"], changes["mapa_kl_now"])]})
+    n = len(changes)
+    out += [f"{n} density claim{'s' if n > 1 else ''} change{'' if n > 1 else 's'} verdict between {rule}:", "",
+            markdown_table(shown), "",
+            "Why: the MAPA family's prior map was a fixed 8-bin smooth map; it is now chosen per run by validation "
             "log-likelihood among the candidates these tables hold (docs/method.md §6; the section "
             f"\"{SENSITIVITY_TITLE}\" gives every claim under each rule).", ""]
     return Section("changes", "\n".join(out), {"changes": changes})
@@ -417,7 +417,7 @@ def bounds_section(table: pd.DataFrame) -> Section | None:
 def passes_section(passes: pd.DataFrame, figure_link: str) -> Section | None:
     if passes.empty:
         return None
-    nb = mapa_max(passes)
+    nb = mapa_n_and_b(passes)
     cap = (f"; the dashed line is MAPA Max: N/B in the first accounting, 2N/B in the second (N = {nb[0]}, B = {nb[1]}: "
            f"{nb[0] / nb[1]:g} and {2 * nb[0] / nb[1]:g})") if nb else ""
     out = ["## Forward passes (Fig. 2b, D.2)", "",

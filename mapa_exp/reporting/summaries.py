@@ -93,7 +93,7 @@ def passes_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()[columns]
 
 
-def mapa_max(passes: pd.DataFrame) -> tuple[int, int] | None:
+def mapa_n_and_b(passes: pd.DataFrame) -> tuple[int, int] | None:
     """(N, B) of the MAPA runs in a ``passes_summary``: MAPA never needs more than N/B passes per point (the N
     training points per batch of B); None without MAPA runs that record both."""
     mapa = passes[passes["method"].astype(str).str.startswith("mapa")]

@@ -11,7 +11,7 @@ lacks, the run's resolved ``config.yaml`` -- into one row per run x source x met
 ``val_every`` is the run's validation interval in epochs (``trainer.check_val_every_n_epoch`` of its config).
 ``train_commit`` and ``eval_commit`` are the git commits of the code that trained and evaluated the run, as
 results.json and eval.json record them (``"code": {"commit": ..., "dirty": ...}``; ``<commit>+dirty`` when the
-worktree had changes); ``fill_commits`` supplies them for runs recorded before commits were.
+worktree had changes); ``table_with_commits`` supplies them for runs recorded before commits were.
 ``eval_checkpoint`` (best or last) and ``prior`` (the prior recovery chosen on validation data, e.g.
 ``bins=null``; empty for N(0, I) models) are what the run's ``eval.json`` says it scored. Each prior candidate's
 numbers are rows too, named ``<metric>@<candidate>`` (``test_kl/quadrature@bins=8``), so the choice's effect
@@ -55,7 +55,7 @@ IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "dra
 # columns read from the run's resolved config.yaml (results.json does not carry them)
 FROM_CONFIG = {"K_fraction": "method.K_fraction", "bandwidth": "method.bandwidth", "n_train": "dataset.n_train",
                "batch_size": "data.batch_size", "val_every": "trainer.check_val_every_n_epoch"}
-COMMIT_LENGTH = 40  # a full git commit in hex: what results.json / eval.json record and fill_commits accepts
+COMMIT_LENGTH = 40  # a full git commit in hex: what results.json / eval.json record, and --train-commit takes
 
 SELECT_BY = ("val_loglik/quadrature", "val_loglik/mog_iwae", "val_bound")  # first present wins
 
@@ -210,8 +210,8 @@ def collect(sweeps: Iterable[str | Path]) -> pd.DataFrame:
     return tidy_frame(rows)
 
 
-def fill_commits(table: pd.DataFrame, train_commit: str | None = None, eval_commit: str | None = None
-                 ) -> pd.DataFrame:
+def table_with_commits(table: pd.DataFrame, train_commit: str | None = None, eval_commit: str | None = None
+                       ) -> pd.DataFrame:
     """``table`` with ``train_commit`` (``eval_commit``) set to the given commit for the runs whose results.json
     (eval.json) records none -- runs trained (evaluated) before the files recorded their code's commit. A run
     without the file (status ``missing``) gets none. ValueError for a value that is not a full 40-hex commit."""
