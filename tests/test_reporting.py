@@ -127,6 +127,11 @@ def test_when_the_verdicts_agree_the_report_says_no_claim_changed():
     t = prior_table()
     same = t.assign(metric=t["metric"].str.replace("@bins=8", "@bins=32"))  # no bins=8: nothing to compare
     assert "What changed since the last report" not in report_text(report_sections({"t": same}, WHEN))
+    mixtures = t.assign(metric=t["metric"].str.replace("@bins=8", "@n_components=2").str.replace(
+        "@bins=null", "@n_components=5"))  # 2-D latents' candidates: no fixed map to compare with
+    text = report_text(report_sections({"t": mixtures}, WHEN))
+    assert "What changed since the last report" not in text
+    assert "`n_components=2`, `n_components=5` (Gaussian mixtures of C components), but neither" in text
     agree = t.copy()  # bins=8's numbers made equal to bins=null's: the same verdicts
     for metric in ("val_loglik/quadrature", "test_kl/quadrature"):
         null = agree["metric"] == f"{metric}@bins=null"

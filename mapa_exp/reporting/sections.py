@@ -322,6 +322,10 @@ def sensitivity_section(table: pd.DataFrame, by_rule: pd.DataFrame) -> Section |
         return Section("sensitivity", f"{title}\n\nThese tables hold no prior candidates' numbers "
                        "(`<metric>@<candidate>` rows), so the claims cannot be judged under other prior maps.\n")
     rules = [(name, c) for name, c in PRIOR_RULES if (by_rule["rule"] == name).any()]
+    if all(c is None for _, c in rules):
+        return Section("sensitivity", f"{title}\n\nThese tables hold the candidates {candidates_text(candidates)}, "
+                       "but neither the 8-bin smooth map nor the interpolating map: there is no fixed rule to judge "
+                       "the claims under.\n")
     metric = kl_metric(density_rows(table)) or "test KL"
     keys = by_rule[by_rule["rule"] == rules[-1][0]][["dataset", "claim"]]
     shown = keys.copy()
