@@ -440,8 +440,8 @@ def _prior_difference_text(table: pd.DataFrame) -> str:
     evaluated = _evaluated(table)
     chosen = evaluated.loc[evaluated["method"].astype(str).str.startswith("mapa"), "prior"].dropna().value_counts()
     if candidates:
-        return (f"chosen per run on validation data among {candidates_text(candidates)} (method.md §6; chosen: "
-                f"{counted_text(chosen) or 'none recorded'}); \"{SENSITIVITY_TITLE}\" shows what the choice decides")
+        return (f"chosen per run on validation data (method.md §6) among {candidates_text(candidates)}; chosen: "
+                f"{counted_text(chosen) or 'none recorded'}; \"{SENSITIVITY_TITLE}\" shows what the choice decides")
     if len(chosen):
         return f"as each run's evaluation records it: {counted_text(chosen)} (method.md §6)"
     return ("not recorded in these tables (evaluations made before eval.json recorded it; the evaluation's default "
