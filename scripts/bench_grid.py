@@ -48,11 +48,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mapa_exp.cli import description
+from mapa_exp.benchmarking import write_markdown_section
 
-from mapa_exp.cli import description  # noqa: E402
-from mapa_exp.benchmarking import write_markdown_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("vae", "iwae", "mapa", "mapa_gt", "mapa_naive")
 S_GRID = (1, 2, 5, 10, 20, 50, 100)

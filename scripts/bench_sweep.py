@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mapa_exp.cli import description
+from mapa_exp.benchmarking import write_markdown_section
 
-from mapa_exp.cli import description  # noqa: E402
-from mapa_exp.benchmarking import write_markdown_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("slurm_1", "slurm_stacked", "process_per_run", "basic", "joblib", "joblib_stacked")
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=null", "hydra.launcher.cpus_per_task=1",

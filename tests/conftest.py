@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,15 @@ torch.set_num_threads(1)  # as training does: these networks are tiny, and the m
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment for ``python scripts/<x>.py`` in a subprocess: this checkout's package first (a script's
+    own folder, not the repository root, heads its sys.path), no display, W&B offline."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", **extra}
+
 
 # a fast variant of every data set: fewer points, a cheaper surrogate fit, few batches
 FAST = [

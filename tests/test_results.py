@@ -3,12 +3,11 @@ inputs whose answers are known."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import math
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -18,14 +17,7 @@ from mapa_exp.sweeps.results import (
     TIDY_COLUMNS, best_restarts, collect, mean_se_over_draws, read_table, selection_metric, series_label,
     tidy_frame, write_table,
 )
-from tests.conftest import ROOT
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import ROOT, script_env
 
 
 # -- a hand-made table ---------------------------------------------------------------------------
@@ -167,24 +159,72 @@ def test_collect_keeps_every_run_and_marks_the_failed_ones(tmp_path):
     assert not list((tmp_path / "tables").glob("*.tmp"))  # atomic writes leave no temporaries
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def test_collect_reads_the_validation_interval_and_the_code_commits(tmp_path):
+    """val_every from the run's config; train_commit / eval_commit from results.json / eval.json ("+dirty" for a
+    worktree with changes); --train-commit / --eval-commit fill only the runs whose files record none."""
+    sweep = tmp_path / "sweep"
+    ident = dict(dataset="circle", method="mapa", K=1, S=2, draw=1, status="completed", val_bound=-1.0)
+    cfg = CFG + "trainer: {{check_val_every_n_epoch: 5}}\n"
+    _run_folder(sweep, "0_new", dict(ident, seed=0, code_commit=COMMIT, code_dirty=False),
+                dict(ident, seed=0, code_commit=OTHER, code_dirty=True, metrics={"test_kl/quadrature": 0.5}),
+                cfg.format(seed=0, method="mapa"))
+    _run_folder(sweep, "1_old", dict(ident, seed=1), dict(ident, seed=1, metrics={"test_kl/quadrature": 0.5}),
+                cfg.format(seed=1, method="mapa"))
+    _run_folder(sweep, "2_not_evaluated", dict(ident, seed=2), None, cfg.format(seed=2, method="mapa"))
+    _run_folder(sweep, "3_never_trained", None, None, cfg.format(seed=3, method="mapa"))
+    runs = collect([sweep]).drop_duplicates("run").set_index("run")
+    assert runs["val_every"].tolist() == [5, 5, 5, 5]
+    assert runs.loc["0_new", "train_commit"] == COMMIT and runs.loc["0_new", "eval_commit"] == OTHER + "+dirty"
+    assert runs[["train_commit", "eval_commit"]].iloc[1:].isna().all().all()
+
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep), "--train-commit", OTHER.upper(),
+                        "--eval-commit", COMMIT], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    runs = read_table(sweep / "tidy.parquet").drop_duplicates("run").set_index("run")
+    assert runs["train_commit"].fillna("none").to_dict() == {  # a recorded commit is kept
+        "0_new": COMMIT, "1_old": OTHER, "2_not_evaluated": OTHER, "3_never_trained": "none"}
+    assert runs["eval_commit"].fillna("none").to_dict() == {"0_new": OTHER + "+dirty", "1_old": COMMIT,
+                                                            "2_not_evaluated": "none", "3_never_trained": "none"}
+
+
+def test_collect_refuses_a_commit_that_is_not_a_full_sha(tmp_path):
+    sweep = tmp_path / "sweep"
+    _run_folder(sweep, "0_run", dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=0, status="completed",
+                                     val_bound=-1.0), None, CFG.format(seed=0, method="mapa"))
+    for option, value in (("--train-commit", "abc123"), ("--eval-commit", "g" * 40)):
+        p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep), option, value], cwd=ROOT,
+                           env=script_env(), capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+            f"error: {option}={value}: must be a full 40-hex git commit (git rev-parse <revision>)"]
+        assert not (sweep / "tidy.parquet").exists() and not (sweep / "tidy.csv").exists()
+
+
 def test_collect_cli_writes_csv_and_parquet(tmp_path):
     sweep = tmp_path / "sweep"
     _run_folder(sweep, "0_circle_mapa", dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=0,
                                             status="completed", val_bound=-1.0), None, CFG.format(seed=0, method="mapa"))
-    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(sweep)], cwd=ROOT, env=script_env(),
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "1 runs, 1 rows (train completed: 1)" in p.stdout
     assert read_table(sweep / "tidy.parquet")["value"].tolist() == [-1.0]
-    p = subprocess.run([sys.executable, "scripts/collect.py", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "scripts/collect.py", str(tmp_path / "nope")], cwd=ROOT, env=script_env(),
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error: sweeps=")
 
 
 # -- the report ---------------------------------------------------------------------------------
 def test_report_states_the_numbers_and_the_claims(table, tmp_path):
-    report = load_script("report")
-    path = tmp_path / "tidy.parquet"
+    from mapa_exp.reporting import read_tables, report_sections, write_report
+
     write_table(table, tmp_path / "tidy")
-    out = report.write_report([path], tmp_path / "docs" / "REPORT.md", tmp_path / "docs" / "figures")
+    sections = report_sections(read_tables([tmp_path / "tidy.parquet"]), datetime(2026, 1, 2, tzinfo=timezone.utc))
+    out = tmp_path / "docs" / "REPORT.md"
+    write_report(sections, out, tmp_path / "docs" / "figures")
     text = out.read_text()
     # the density table: mean ± s.e. (draws)
     assert "| mapa | 0.300 ± 0.153 (3) |" in text
@@ -206,19 +246,21 @@ def test_report_states_the_numbers_and_the_claims(table, tmp_path):
         png = tmp_path / "docs" / "figures" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"](figures/{name})" in text
+    # the report's sections hand their own tables on (the W&B summary run logs these), no markdown parsed back
+    claims = next(s for s in sections if s.key == "claims").tables["density"].set_index("claim")
+    assert claims.loc["MAPA below VAE", "d"] == pytest.approx(-1.6) and claims.loc["MAPA below VAE", "n"] == 2
 
 
 def test_claims_are_counted_across_data_sets():
-    report = load_script("report")
-    rows = [["circle", "MAPA below VAE", "d = ...", "holds"],
-            ["clusters", "MAPA below VAE", "d = ...", "fails (the paper's exception)"],
-            ["figure8", "MAPA below VAE", "d = ...", "undecided"],
-            ["circle", "**MAPA below VAE and IWAE**", "both", "**undecided**"],
-            ["clusters", "**MAPA below VAE and IWAE**", "both", "**fails** (the paper's exception)"]]
-    text = "\n".join(report._across_datasets(rows))
-    assert "| MAPA below VAE | 1: circle | 1: clusters | 1: figure8 |" in text
-    assert "| **MAPA below VAE and IWAE** | 0 | 1: clusters | 1: circle |" in text
-    assert report._across_datasets(rows[:1]) == []  # one data set: nothing to count
+    from mapa_exp.reporting.claims import claims_across_datasets
+
+    claims = pd.DataFrame({"dataset": ["circle", "clusters", "figure8", "circle", "clusters"],
+                           "claim": ["MAPA below VAE"] * 3 + ["MAPA below VAE and IWAE"] * 2,
+                           "verdict": ["holds", "fails", "undecided", "undecided", "fails"]})
+    counted = claims_across_datasets(claims).set_index("claim")
+    assert counted.loc["MAPA below VAE"].tolist() == ["1: circle", "1: clusters", "1: figure8"]
+    assert counted.loc["MAPA below VAE and IWAE"].tolist() == ["0", "1: clusters", "1: circle"]
+    assert claims_across_datasets(claims[:1]).empty  # one data set: nothing to count
 
 
 # -- choices on validation data, and the statistics of a claim -------------------------------------
@@ -265,17 +307,18 @@ def test_paired_difference_matches_scipy_and_the_verdicts():
 def test_committed_report_is_rebuilt_from_the_committed_tables(tmp_path):
     """docs/REPORT.md is a function of docs/results/*.parquet alone: rebuilt, it equals the committed one
     byte for byte apart from its date line (a report edited by hand, or left stale, fails here)."""
+    from mapa_exp.reporting import DATE_PREFIX
+
     tables = sorted((ROOT / "docs" / "results").glob("*.parquet"))
     assert tables, "docs/results/ holds no tidy table"
     out = tmp_path / "REPORT.md"
     p = subprocess.run([sys.executable, "scripts/report.py", *map(str, tables), "-o", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+                       capture_output=True, text=True, timeout=300, env=script_env())
     assert p.returncode == 0, p.stderr[-2000:]
-    report = load_script("report")
 
     def body(text: str) -> list[str]:
-        return [line for line in text.splitlines() if not line.startswith(report.DATE_PREFIX)]
+        return [line for line in text.splitlines() if not line.startswith(DATE_PREFIX)]
 
     committed = (ROOT / "docs" / "REPORT.md").read_text()
     assert body(out.read_text()) == body(committed)
-    assert sum(line.startswith(report.DATE_PREFIX) for line in committed.splitlines()) == 1
+    assert sum(line.startswith(DATE_PREFIX) for line in committed.splitlines()) == 1

@@ -9,7 +9,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-CURVE_COLOURS = {"true": "black", "empirical": "tab:red", "mapa": "tab:blue"}
+# one style per method, shared by every figure: a method keeps its colour and marker wherever it is drawn
+METHOD_COLOURS = {"vae": "tab:orange", "iwae": "tab:green", "mapa": "tab:blue", "mapa_gt": "tab:purple",
+                  "mapa_naive": "tab:red"}
+METHOD_MARKERS = {"vae": "o", "iwae": "s", "mapa": "^", "mapa_gt": "D", "mapa_naive": "v"}
+OTHER_COLOURS = ["tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+OTHER_MARKERS = ["P", "X", "*", "<", ">"]
+RULE_LINESTYLES = ["-", "--", "-.", ":"]  # a method's K rules (series_label), in sorted order
+CURVE_COLOURS = {"true": "black", "empirical": "tab:red", "mapa": METHOD_COLOURS["mapa"]}
 CURVE_LABELS = {"true": "true posterior (Eq 11)", "empirical": "empiricalized posterior (Eq 7)", "mapa": "MAPA (Eq 8)"}
 
 
@@ -66,15 +73,29 @@ def decoders_figure(curves: pd.DataFrame, data: pd.DataFrame, title: str):
     return fig
 
 
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
-LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 
 
-def series_styles(labels: list[str]) -> dict[str, dict]:
-    """A colour, marker and line style per series label: series that lie on top of each other stay apart."""
-    colours = sns.color_palette("tab10", max(len(labels), 1))
-    return {lab: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)],
-                  "linestyle": LINESTYLES[i % len(LINESTYLES)]} for i, lab in enumerate(labels)}
+def method_styles(labels: list[str]) -> dict[str, dict]:
+    """A colour, marker and line style per series label ("mapa", "mapa K=ceil(0.1S)"): the colour and marker
+    are the method's (the label's first word; ``METHOD_COLOURS``, the same in every figure), the line style tells
+    one method's K rules apart. Methods outside the palette get the remaining colours in sorted order."""
+    methods = {lab: lab.split()[0] if lab.split() else lab for lab in labels}
+    others = sorted({m for m in methods.values() if m not in METHOD_COLOURS})
+    styles = {}
+    for lab, method in methods.items():
+        k = others.index(method) if method in others else 0
+        rules = sorted(other for other, m in methods.items() if m == method)
+        styles[lab] = {"color": METHOD_COLOURS.get(method, OTHER_COLOURS[k % len(OTHER_COLOURS)]),
+                       "marker": METHOD_MARKERS.get(method, OTHER_MARKERS[k % len(OTHER_MARKERS)]),
+                       "linestyle": RULE_LINESTYLES[rules.index(lab) % len(RULE_LINESTYLES)]}
+    return styles
+
+
+def coinciding_style(style: dict) -> dict:
+    """``style`` for a series that lies exactly on an earlier one: a wide translucent line under it and a hollow,
+    larger marker around its markers, so both show at the same place and read as one value."""
+    return {**style, "linewidth": 4.5, "alpha": 0.45, "zorder": 1.5, "markerfacecolor": "none", "markersize": 10,
+            "markeredgewidth": 1.6}
 
 
 def identical_series(frame: pd.DataFrame, label: str, x: str, y: str) -> list[tuple[str, str]]:
@@ -85,7 +106,8 @@ def identical_series(frame: pd.DataFrame, label: str, x: str, y: str) -> list[tu
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             common = series[a].index.intersection(series[b].index)
-            if len(common) and (series[a][common] - series[b][common]).abs().max() <= 1e-9 * max(1.0, series[a][common].abs().max()):
+            gap = (series[a][common] - series[b][common]).abs().max() if len(common) else None
+            if gap is not None and gap <= 1e-9 * max(1.0, series[a][common].abs().max()):
                 out.append((a, b))
     return out
 

@@ -5,8 +5,13 @@
 lacks, the run's resolved ``config.yaml`` -- into one row per run x source x metric:
 
     sweep, experiment, run, run_dir, dataset, method, K, S, K_fraction, bandwidth, draw, seed,
-    n_train, batch_size, eval_checkpoint, prior, status, reason, source, metric, value
+    n_train, batch_size, val_every, eval_checkpoint, prior, train_commit, eval_commit,
+    status, reason, source, metric, value
 
+``val_every`` is the run's validation interval in epochs (``trainer.check_val_every_n_epoch`` of its config).
+``train_commit`` and ``eval_commit`` are the git commits of the code that trained and evaluated the run, as
+results.json and eval.json record them (``code_commit`` and ``code_dirty``; ``<commit>+dirty`` when the
+worktree had changes); ``table_with_commits`` supplies them for runs recorded before commits were.
 ``eval_checkpoint`` (best or last) and ``prior`` (the prior recovery chosen on validation data, e.g.
 ``bins=null``; empty for N(0, I) models) are what the run's ``eval.json`` says it scored. Each prior candidate's
 numbers are rows too, named ``<metric>@<candidate>`` (``test_kl/quadrature@bins=8``), so the choice's effect
@@ -40,15 +45,18 @@ from mapa_exp.io import atomic_write_bytes
 
 # identity of a run; "seed" is the restart, "draw" the data draw
 CONFIG_COLUMNS = ["sweep", "experiment", "dataset", "method", "K", "S", "K_fraction", "bandwidth", "draw"]
-RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", "eval_checkpoint", "prior"]
+RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", "val_every", "eval_checkpoint",
+               "prior", "train_commit", "eval_commit"]
 TIDY_COLUMNS = ["sweep", "experiment", *RUN_COLUMNS, "status", "reason", "source", "metric", "value"]
-INT_COLUMNS = ["K", "S", "seed", "draw", "n_train", "batch_size"]
+INT_COLUMNS = ["K", "S", "seed", "draw", "n_train", "batch_size", "val_every"]
 FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
 # results.json keys that identify the run rather than measure it
-IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "draw", "run_dir"}
+IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "draw", "run_dir", "code_commit",
+                 "code_dirty"}
 # columns read from the run's resolved config.yaml (results.json does not carry them)
 FROM_CONFIG = {"K_fraction": "method.K_fraction", "bandwidth": "method.bandwidth", "n_train": "dataset.n_train",
-               "batch_size": "data.batch_size"}
+               "batch_size": "data.batch_size", "val_every": "trainer.check_val_every_n_epoch"}
+COMMIT_LENGTH = 40  # a full git commit in hex: what results.json / eval.json record, and --train-commit takes
 
 SELECT_BY = ("val_loglik/quadrature", "val_loglik/mog_iwae", "val_bound")  # first present wins
 
@@ -95,6 +103,15 @@ def _select(d: dict, dotted: str):
     return d if not isinstance(d, str) or not d.startswith("${") else None  # unresolved interpolation
 
 
+def recorded_commit(data: dict | None) -> str | None:
+    """The code's git commit a results.json / eval.json records (``code_commit``, ``code_dirty``), with a
+    ``+dirty`` suffix when the code had uncommitted changes; None when it records none."""
+    commit = (data or {}).get("code_commit")
+    if not isinstance(commit, str) or not commit:
+        return None
+    return commit + ("+dirty" if (data or {}).get("code_dirty") is True else "")
+
+
 def _number(v) -> float | None:
     """A float for numbers and booleans; None for anything else (strings, lists, None)."""
     if isinstance(v, bool):
@@ -124,6 +141,7 @@ def _run_identity(folder: Path, sweep: Path, results: dict | None) -> dict:
     }
     for column, key in FROM_CONFIG.items():
         ident[column] = _select(cfg, key)
+    ident["train_commit"] = recorded_commit(results)
     return ident
 
 
@@ -147,6 +165,7 @@ def run_rows(folder: Path, sweep: Path) -> list[dict]:
         scored = evaluation.get("scored") or {}
         ident["eval_checkpoint"] = (scored.get("checkpoint") or {}).get("which", evaluation.get("checkpoint"))
         ident["prior"] = (scored.get("prior") or {}).get("chosen")
+        ident["eval_commit"] = recorded_commit(evaluation)
     rows = _file_rows(ident, "train", results, {k: v for k, v in results.items() if k not in IDENTITY_KEYS})
     if evaluation is not None:
         metrics = dict(evaluation.get("metrics") or {})
@@ -190,6 +209,29 @@ def collect(sweeps: Iterable[str | Path]) -> pd.DataFrame:
         for folder in find_job_folders(sweep):
             rows += run_rows(folder, sweep)
     return tidy_frame(rows)
+
+
+def table_with_commits(table: pd.DataFrame, train_commit: str | None = None, eval_commit: str | None = None
+                       ) -> pd.DataFrame:
+    """``table`` with ``train_commit`` (``eval_commit``) set to the given commit for the runs whose results.json
+    (eval.json) records none -- runs trained (evaluated) before the files recorded their code's commit. A run
+    without the file (status ``missing``) gets none. ValueError for a value that is not a full 40-hex commit."""
+    out = table.copy()
+    for column, source, commit in (("train_commit", "train", train_commit), ("eval_commit", "eval", eval_commit)):
+        if commit is None:
+            continue
+        commit = checked_commit(commit, f"--{column.replace('_', '-')}")
+        has_file = out.loc[(out["source"] == source) & (out["status"] != "missing"), "run_dir"].unique()
+        fill = out["run_dir"].isin(has_file) & out[column].isna()
+        out.loc[fill, column] = commit
+    return out
+
+
+def checked_commit(commit: str, key: str) -> str:
+    """``commit`` in lower case if it is a full 40-hex git commit; ValueError ``key=commit: reason`` if not."""
+    if len(commit) != COMMIT_LENGTH or any(c not in "0123456789abcdef" for c in commit.lower()):
+        raise ValueError(f"{key}={commit}: must be a full {COMMIT_LENGTH}-hex git commit (git rev-parse <revision>)")
+    return commit.lower()
 
 
 def tidy_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
