@@ -27,12 +27,13 @@ _failed_jobs: list[int] = []  # exit statuses of the failed jobs of a multirun
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> list[dict] | None:
     from mapa_exp.io import FolderBusyError
-    from mapa_exp.runs.training import config_error, run_job
+    from mapa_exp.pipeline import train
+    from mapa_exp.runs.training import config_error
 
     run_dir = Path(cfg.paths.run_dir)
     fresh = not (run_dir / "results.json").exists() and not (run_dir / "checkpoints").exists()
     try:
-        results = run_job(cfg)  # with evaluate=true it also evaluates the completed runs
+        results = train(cfg)  # with evaluate=true it also evaluates the completed runs
     except Exception as exc:
         bad = config_error(exc)
         if bad is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from mapa_exp.cli import description
 from mapa_exp.io import atomic_write_text
 
-PHASES = ("data", "forward", "backward", "optimizer")
+from mapa_exp.methods.loop import PHASES  # noqa: F401  (the phases a bare epoch's time is split into)
 
 
 def configure_as_training(malloc: bool = True) -> dict:
@@ -35,65 +35,44 @@ def configure_as_training(malloc: bool = True) -> dict:
     return settings
 
 
-def bare_epoch(module, optimizer, batches, split: dict | None = None, sync=None) -> dict:
-    """One epoch of the bare training loop -- the module's own ``step``, the backward pass and the optimizer
-    step, nothing of Lightning or ``train.py`` around them -- over ``batches`` (an iterator of the datamodule's
-    batches, e.g. ``datamodule.train_batches()``).
+def bare_epoch(module, optimizer, data, split: dict | None = None, sync=None) -> dict:
+    """One epoch of the bare training loop over ``data`` (the datamodule, set up): the method's own scheme
+    through the same ``StackedLoop`` training runs (chunks, NaN guard, optimizer steps), without Lightning,
+    callbacks or ``train.py`` around it. ``optimizer``: the module's optimiser (or a list, one per parameter
+    group).
 
     Returns ``{"seconds", "steps", "points", "passes_encoder", "passes_decoder"}``. With ``split`` (a dict)
     the time of each phase is added to ``split[phase]``: ``data`` (making the batch: shuffling, for MAPA the
     tail samples, the union of candidates and its gathers; moving it to the device), ``forward`` (the
-    method's ``step``: networks, likelihoods, bound), ``backward`` and ``optimizer`` (``zero_grad`` and
-    ``step``). ``sync`` (e.g. ``torch.cuda.synchronize``) is called at each phase boundary so that the phases
+    method's ``step``: networks, likelihoods, bound), ``backward`` and ``optimizer`` (the NaN guard and the
+    step). ``sync`` (e.g. ``torch.cuda.synchronize``) is called at each phase boundary so that the phases
     of asynchronous devices are timed, not queued; give it only to a timing pass, it costs time.
     """
     import time
 
-    import torch
+    from mapa_exp.methods.loop import StackedLoop, Timer
 
-    from mapa_exp.methods.base import flushed_denormals, take
-
-    clock = time.perf_counter
-    out = {"seconds": 0.0, "steps": 0, "points": 0, "passes_encoder": 0, "passes_decoder": 0}
-    add = (lambda k, dt: split.__setitem__(k, split.get(k, 0.0) + dt)) if split is not None else (lambda k, dt: None)
-    tick = sync or (lambda: None)
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    timer = Timer(sync) if split is not None else None
+    loop = StackedLoop(module, None, optimizers=optimizers, timer=timer)
+    steps0, points0 = int(module.train_steps_total.sum()), int(module.train_points_total.sum())
+    enc0, dec0 = int(module.passes_encoder_total.sum()), int(module.passes_decoder_total.sum())
     module.train()
-    start = clock()
-    with flushed_denormals():  # as the training loop does
-        batches = iter(batches)
-        while True:
-            t0 = clock()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            batch = module._to_device(batch)
-            tick()
-            t1 = clock()
-            add("data", t1 - t0)
-            optimizer.zero_grad(set_to_none=True)
-            B = batch["x"].shape[1]
-            for m, pts in module.chunks(batch):
-                t2 = clock()
-                step = module.chunk_step(take(batch, m, pts), m)
-                loss = (-step.surrogate.sum(1) / B).sum()
-                tick()
-                t3 = clock()
-                loss.backward()
-                tick()
-                add("forward", t3 - t2)
-                add("backward", clock() - t3)
-                out["passes_encoder"] += int(torch.as_tensor(step.passes_encoder).sum())
-                out["passes_decoder"] += int(torch.as_tensor(step.passes_decoder).sum())
-            t4 = clock()
-            optimizer.step()
-            tick()
-            add("optimizer", clock() - t4)
-            out["steps"] += 1
-            out["points"] += B
+    start = time.perf_counter()
+    if timer:
+        timer.start()
+    loop.train_epoch(data)
     if sync is not None:
         sync()
-    out["seconds"] = clock() - start
-    return out
+    seconds = time.perf_counter() - start
+    if split is not None:
+        for phase, t in timer.seconds.items():
+            split[phase] = split.get(phase, 0.0) + t
+    E = module.members
+    return {"seconds": seconds, "steps": (int(module.train_steps_total.sum()) - steps0) // E,  # per member
+            "points": int(module.train_points_total.sum()) - points0,  # all members', like the passes
+            "passes_encoder": int(module.passes_encoder_total.sum()) - enc0,
+            "passes_decoder": int(module.passes_decoder_total.sum()) - dec0}
 
 
 def _status_kib(field: str) -> int | None:

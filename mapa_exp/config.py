@@ -89,7 +89,6 @@ class GaussianEncoderMethodConf:  # vae, iwae
     S: int = 1
     estimator: str = "standard"
     module: Any = None
-    proposal: Any = None
 
 
 @dataclass
@@ -98,8 +97,7 @@ class MapaFamilyConf:  # what mapa, mapa_gt and mapa_naive share
     K_fraction: Optional[float] = None
     K: int = 5
     S: int = 5
-    module: Any = None
-    proposal: Any = None
+    module: Any = None  # its proposal (over training indices) inside
 
 
 @dataclass

@@ -42,8 +42,8 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
     """One benchmark configuration: a module (a stack of ``members``, seeds 0..members-1, all on this data draw),
     its optimizer and its datamodule."""
     from mapa_exp.data.datamodule import GroundTruthDataModule
-    from mapa_exp.data.proposals import KernelProposal
     from mapa_exp.methods.mapa import MAPA
+    from mapa_exp.methods.proposals import KernelProposal
     from mapa_exp.methods.vae import GaussianEncoderVAE
     from mapa_exp.runs.training import CHUNK_ROWS_CPU
 
@@ -52,14 +52,14 @@ def make_config(method: str, S: int, groundtruth, args, neighbors_M: int | None 
                   seeds=range(members), compile_steps=compile_steps)
     if method.startswith("MAPA"):
         K = max(1, math.ceil(0.1 * S))
-        proposal = KernelProposal(K, S)
-        module = MAPA(**common)
+        module = MAPA(**common, proposal=KernelProposal(K, S))
     else:
-        K, proposal = None, None
+        K = None
         module = GaussianEncoderVAE(**common, S=S, objective="iwae", estimator="dreg")
-    data = GroundTruthDataModule(groundtruth, proposal, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                 neighbors_M=neighbors_M, noise_shape=module.noise_shape, seeds=range(members))
+    data = GroundTruthDataModule(groundtruth, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                 neighbors_M=neighbors_M, seeds=range(members))
     data.setup("fit")
+    module.setup_data(data)
     return {"method": method, "S": S, "K": K, "M": neighbors_M, "module": module,
             "optimizer": module.configure_optimizers(), "data": data, "times": [], "passes_encoder": 0,
             "passes_decoder": 0, "points": 0}
@@ -70,7 +70,7 @@ def run_epoch(c: dict) -> None:
     optimizer step, nothing else."""
     from mapa_exp.benchmarking import bare_epoch
 
-    done = bare_epoch(c["module"], c["optimizer"], c["data"].train_batches())
+    done = bare_epoch(c["module"], c["optimizer"], c["data"])
     c["times"].append(done["seconds"])
     for k in ("passes_encoder", "passes_decoder", "points"):
         c[k] += done[k]

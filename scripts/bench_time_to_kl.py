@@ -82,6 +82,7 @@ class Candidate:
         self.dataset, self.method, self.S, self.K, self.decoder, self.seed = dataset, method, S, K, decoder, seed
         self.dm, self.module = build(self.cfg)
         self.dm.setup("fit")
+        self.module.setup_data(self.dm)
         self.module.to(args.device)
         self.optimizer = self.module.configure_optimizers()
         self.train_s, self.epochs, self.history, self.split = 0.0, 0, [], {}
@@ -100,8 +101,7 @@ class Candidate:
         for _ in range(epochs):
             # on the CPU the phase clocks cost ~1 us a step and change nothing; on a GPU they need a sync at
             # every phase boundary, so there the phases come from a separate timing pass (split_pass)
-            done = bare_epoch(self.module, self.optimizer, self.dm.train_batches(),
-                              split=self.split if timed_phases else None)
+            done = bare_epoch(self.module, self.optimizer, self.dm, split=self.split if timed_phases else None)
             if self.sync is not None:
                 self.sync()
             self.train_s += done["seconds"]
@@ -114,7 +114,7 @@ class Candidate:
         from mapa_exp.benchmarking import bare_epoch
 
         split = {}
-        done = bare_epoch(self.module, self.optimizer, self.dm.train_batches(), split=split, sync=self.sync)
+        done = bare_epoch(self.module, self.optimizer, self.dm, split=split, sync=self.sync)
         return {k: v / done["steps"] for k, v in split.items()}
 
 

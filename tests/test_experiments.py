@@ -91,7 +91,7 @@ def test_K_from_S(S, fraction, K):
 def test_K_fraction_in_configs(tmp_path, cache_dir):
     for S in (1, 2, 5, 10, 20, 50, 100):
         cfg = compose_cfg(["experiment=paper_density", "method=mapa", f"method.S={S}"], tmp_path / "r", cache_dir)
-        assert cfg.method.K == max(1, math.ceil(0.5 * S)) == cfg.method.proposal.K
+        assert cfg.method.K == max(1, math.ceil(0.5 * S)) == cfg.method.module.proposal.K
     cfg = compose_cfg(["experiment=paper_passes", "method=mapa_gt", "method.S=50", "method.K_fraction=0.1"], tmp_path / "r", cache_dir)
     assert cfg.method.K == 5
     cfg = compose_cfg(["experiment=paper_passes", "method=mapa_naive", "method.S=50", "method.K_fraction=0"], tmp_path / "r", cache_dir)

@@ -143,13 +143,13 @@ def test_mapa_on_clusters_with_the_default_evaluation(tmp_path, cache_dir):
     0.106 with the interpolating map."""
     import json
 
-    from mapa_exp.runs.training import run_training
+    from mapa_exp.pipeline import train_one
     from tests.conftest import compose_cfg
 
     run_dir = tmp_path / "run"
     cfg = compose_cfg(["dataset=clusters", "method=mapa", "trainer.max_epochs=300", "trainer.enable_progress_bar=false",
                        "evaluate=true", "evaluator=quadrature"], run_dir, cache_dir)
-    assert run_training(cfg)["status"] == "completed"
+    assert train_one(cfg)["status"] == "completed"
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["scored"]["prior"]["settings"] == default_settings()
     assert ev["metrics"]["test_kl/quadrature"] <= 0.15, (ev["scored"]["prior"]["chosen"], ev["prior_candidates"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapa_exp.methods.base import _split
+from mapa_exp.methods.loop import split_evenly as _split
 from mapa_exp.runs.checkpoints import load_checkpoint_safely, save_checkpoint, slice_checkpoint
 from mapa_exp.runs.training import run_job, run_training
 from mapa_exp.sweeps.stacking import group_jobs
@@ -202,3 +202,21 @@ def test_member_checkpoint_is_a_plain_one_member_checkpoint(tmp_path, cache_dir)
     for k, v in stack["state_dict"].items():
         assert torch.equal(member["state_dict"][k], v[3:4] if v.dim() else v), k
     assert len(json.loads(member["run_identity"])) == 1
+
+
+CONF_METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", [m for m in CONF_METHODS if m not in METHODS])
+def test_every_other_method_member_equals_the_same_run_trained_alone(method, tmp_path, cache_dir):
+    """Every method of conf/method/ beyond the smoke sweep's (e.g. a scheme whose members step unequally):
+    member seed 1, draw 1 of a stack of four equals the run alone to 1e-5 nats per point, passes included."""
+    base = [*SMOKE, f"method={method}", "method.S=2"]
+    stacked = run_job(stacked_cfg(base, tmp_path / "stack", cache_dir))
+    alone = run_training(compose_cfg([*base, "seed=1", "dataset.draw=1"], tmp_path / "alone", cache_dir))
+    member = next(r for r in stacked if (r["seed"], r["draw"]) == (1, 1))
+    assert member["status"] == alone["status"] == "completed"
+    for key in ("train_bound", "val_bound"):
+        assert abs(member[key] - alone[key]) <= 1e-5, (key, member[key], alone[key])
+    assert member["passes_decoder_total"] == alone["passes_decoder_total"]
+    assert member["train_steps"] == alone["train_steps"]

@@ -158,3 +158,33 @@ def test_a_bad_role_width_is_one_line(tmp_path, cache_dir):
     cfg = compose_cfg(["dataset=figure8", "method=vae", *FAST, "net.decoder.hidden=[64,0]"], tmp_path / "r", cache_dir)
     with pytest.raises(Exception, match=r"net.decoder.hidden=\[64, 0\]: every width must be >= 1"):
         run_training(cfg)
+
+
+def test_a_method_defined_outside_the_package_trains_and_evaluates_through_the_command_lines(tmp_path, cache_dir):
+    """The seam: tests/toy_method holds one module and one config file; train.py and evaluate.py run it with the
+    folder on PYTHONPATH and --config-dir, and nothing in mapa_exp/ or conf/ names it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    toy = ROOT / "tests" / "toy_method"
+    for folder in ("mapa_exp", "conf"):
+        assert not [p for p in (ROOT / folder).rglob("*") if p.is_file() and "FixedVarianceVAE" in p.read_text(
+            errors="ignore")]
+    env = {**os.environ, "PYTHONPATH": f"{toy}{os.pathsep}{ROOT}", "MAPA_EXP_OUTPUTS": str(tmp_path / "out"),
+           "MAPA_EXP_CACHE": str(cache_dir)}
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "train.py", "--config-dir", str(toy / "conf"), "method=toy", *FAST,
+                        "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "completed" and res["method"] == "toy" and res["passes_per_point_decoder"] == 1.0
+    p = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", "evaluator=quadrature",
+                        "evaluator.quadrature.J_1d=1000"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run_dir / "eval.json").read_text())["metrics"]["test_kl/quadrature"] > 0

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import mapa_exp.data.datamodule as dm
-from mapa_exp.data.datamodule import ProposalTables, candidate_batch
-from mapa_exp.data.proposals import KernelProposal, ProposalContext
+from mapa_exp.methods.proposals import ProposalTables, candidate_batch
+from mapa_exp.methods.proposals import KernelProposal, ProposalContext
 from mapa_exp.data.proximity import nearest_neighbors
 from mapa_exp.errors import ConfigError
 from mapa_exp.math.bounds import empirical_log_likelihood, mapa_bound
@@ -135,7 +135,7 @@ def test_zero_uniform_share_batch_is_sample_tail_and_unique_bit_for_bit(problem)
 
 def test_union_of_a_stack_is_each_members_own():
     """Members' unions are computed together (offset indices, zero padding) and equal each member's alone."""
-    from mapa_exp.data.datamodule import union_of_candidates
+    from mapa_exp.methods.proposals import union_of_candidates
 
     g = torch.Generator().manual_seed(0)
     cand = torch.randint(0, 50, (3, 7, 4), generator=g)  # three members

@@ -114,3 +114,17 @@ def mapa_bound(
 def empirical_log_likelihood(ll: torch.Tensor) -> torch.Tensor:
     """Exact empiricalized log-likelihood per point (method.md Eq 6): (B, N) -> (B,)."""
     return torch.logsumexp(ll, -1) - math.log(ll.shape[-1])
+
+
+def mutual_information_gaussian_q(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """I_q(x; z) of a mean-field Gaussian encoder over n points, the estimator of He et al. (2019, their
+    ``calc_mi``): E_x[E_q log q(z|x)] - E_q(z) log q(z), with one sample z_i = mean_i + sd_i eps_i per point and
+    the aggregate posterior q(z) = (1/n) sum_j q(z | x_j). ``mean``, ``logvar``, ``eps``: (..., n, Dz); returns
+    (...). Consistent as n grows; 0 for an encoder that ignores x."""
+    n, Dz = mean.shape[-2], mean.shape[-1]
+    neg_entropy = (-0.5 * Dz * LOG_2PI - 0.5 * (1 + logvar).sum(-1)).mean(-1)  # E_x E_q log q(z|x), exactly
+    z = mean + torch.exp(0.5 * logvar) * eps  # (..., n, Dz)
+    # log q(z_i | x_j): (..., n_i, n_j)
+    log_q = log_normal_diag(z.unsqueeze(-2), mean.unsqueeze(-3), logvar.unsqueeze(-3))
+    log_qz = torch.logsumexp(log_q, -1) - math.log(n)
+    return neg_entropy - log_qz.mean(-1)

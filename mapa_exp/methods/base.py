@@ -1,44 +1,35 @@
-"""The shared shell of every method: a stack of members, the training step loop, guards and metrics.
+"""What a method is: the one seam through which every method (and a user's own) enters the framework.
 
-A module trains E *members* at once -- runs of one configuration that differ in ``seed`` (and, through the
+A method trains E *members* at once -- runs of one configuration that differ in ``seed`` (and, through the
 datamodule, in ``dataset.draw``); a lone run is a stack of one. Every network is a stacked ``MLP`` (one
 (E, P) parameter per network), the loss is the *sum* over members of each member's mean surrogate, and the
-optimiser (Adam by default) is element-wise, so each member gets exactly the gradient and the update it
-would get alone.
+optimisers are element-wise, so each member gets exactly the gradient and the update it would get alone.
 
-A method subclasses ``LatentVariableModule`` and implements ``step(batch, members) -> StepOutput`` for the
-members in the slice ``members`` (a batch's tensors are stacked along dim 0): the per-point bound (a
-log-likelihood bound in nats, all constants kept), the per-point surrogate whose gradient is the
-estimator, and each member's forward passes of each network. Everything else lives here once:
+A method subclasses ``Method`` and says *what* it computes; the stacked step loop
+(``mapa_exp.methods.loop.StackedLoop``) owns *how* it is trained. What a method declares:
 
-* **the step loop.** Lightning runs a training epoch (and a validation pass) as *one* batch; the module
-  runs the epoch's optimisation steps itself (manual optimisation), so Lightning's per-batch overhead is
-  paid once per epoch. The members are processed in chunks of at most ``chunk_rows`` network rows (the
-  CPU's caches; ``None`` on a GPU: all at once), each chunk's backward adding to its members' gradients.
-  With ``compile_steps=True`` a training chunk runs through ``torch.compile`` (inductor): one compiled,
-  tensor-only function of the chunk's parameter rows and batch (``torch.func.functional_call`` of
-  ``forward``), so the same graph serves every member and chunk instead of recompiling per member slice.
-  It fuses the element-wise work around the small matrix products (measured in docs/benchmarks.md,
-  "Compiled training steps"); its first epoch pays the compilation, and it changes numbers only by float
-  rounding. Evaluation passes stay eager.
-* **members fail alone.** After each backward pass a member whose loss or gradient is not finite is left
-  out of that optimiser step: its parameters and optimiser state are restored (a zero gradient would not
-  do: Adam's momentum keeps moving). Under ``nan_policy=fail`` it is frozen from then on and reported as
-  failed; under ``skip_batch`` only that step is skipped (counted per member). With torch's Adam the
-  step counter is shared by a parameter's members, so after a skipped step that member's bias correction
-  runs one step ahead of an unstacked run that skipped the same batch.
-* **no device sync per step.** Metrics are accumulated on the device and read (and written, through the
-  callbacks' ``on_member_metrics``) every ``trainer.log_every_n_steps`` steps and at epoch ends.
+* ``step(batch, members) -> StepOutput`` (required): for the members in the slice ``members`` (a batch's
+  tensors are stacked along dim 0), the per-point bound (a log-likelihood bound in nats, all constants
+  kept), the per-point surrogate whose gradient is the estimator, and each member's forward passes;
+* ``rows_per_member(batch)`` (required): the network rows one member's step runs (chooses the chunks);
+* ``batch_extras(split, idx, gens, data)``: what its batches carry beyond ``x`` and ``index`` -- the VAE's
+  noise, MAPA's candidates -- drawn from each member's own generators (``None`` for a member that must not
+  draw); ``setup_data(data)``: anything it precomputes from the data before training (MAPA's proposal);
+* ``optimizer_groups()``: its parameter groups, one optimiser each (default: one group, every parameter);
+* ``train_epoch(loop, data)``: its training scheme (default: one step of every optimiser per batch);
+* ``standard_normal_prior``, ``codes`` / ``generative_decoder``: what the evaluation needs of its model;
+* ``proposal_density(x, e, data)``: what it proposes for the latent of a few points, for the dashboards'
+  posterior picture;
+* ``identity_keys``: the config keys a results table shows for it (the run's identity is its whole config).
+
+Each member's best validation bound, its epoch and its weights at that epoch are kept here (``keep_best``),
+for its ``checkpoints/best.ckpt``; the per-member counters travel with the checkpoint.
 
 Logged names (per member): ``train/bound_step`` (every ``log_every_n_steps``), ``train/bound_epoch``,
 ``val/bound`` (nats per point), ``{train,val}/passes_encoder`` and ``/passes_decoder`` (per step),
 ``/passes_per_point_decoder`` (the decoder-dominated accounting, method.md §5) and
 ``/passes_per_point_encoder_decoder`` (encoder ~ decoder), and the running totals
 ``train/passes_encoder_total`` and ``train/passes_decoder_total``; ``trainer/global_step`` and ``epoch``.
-
-Fault injection and instrumentation hooks: a Lightning callback may define
-``on_train_step_start(trainer, module, batch)`` and ``on_after_step_backward(trainer, module)``; they run
-at every optimisation step.
 """
 
 from __future__ import annotations
@@ -46,14 +37,13 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
 
 from mapa_exp.errors import ConfigError, check
+from mapa_exp.methods.loop import StackedLoop, StepOutput  # noqa: F401  (StepOutput: what step returns)
 from mapa_exp.nets import MLP, NetSpec
 from mapa_exp.seeding import generators
 
@@ -75,56 +65,14 @@ def _check_optimizer(factory: Callable[..., torch.optim.Optimizer]) -> None:
             check(float(group["lr"]) > 0, "optimizer.lr", float(group["lr"]), "must be > 0")
 
 
-@contextmanager
-def flushed_denormals():
-    """Denormal floats flushed to zero on the CPU inside the block (the default, off, afterwards).
-
-    IWAE's importance weights underflow into the denormal range (below 1.2e-38 in float32), where the CPU
-    computes 10-100x slower: flushing made the IWAE S = 100 step about 1.6x faster (docs/benchmarks.md) and
-    changes nothing but contributions below 1e-38. Only around the step loops: scipy's k-d tree, for one,
-    crashes with flushing on.
-    """
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
-@dataclass
-class StepOutput:
-    bound: torch.Tensor  # (e, B) lower bound on log p(x_n) per member and point, nats
-    surrogate: torch.Tensor  # (e, B) its gradient is the estimator's
-    passes_encoder: torch.Tensor | int  # (e,) or one number for every member: forward passes in this step
-    passes_decoder: torch.Tensor | int
-
-
-def _split(total: int, most: int) -> list[slice]:
-    """``range(total)`` in as few slices of at most ``most`` as possible, their sizes differing by at most one
-    (25 members at most 12 a chunk: 8, 8, 9, not 12, 12, 1). A chunk of one beside larger ones would cost a
-    compiled step a second graph (inductor specialises sizes 0 and 1)."""
-    k = -(-total // most)
-    bounds = [i * total // k for i in range(k + 1)]
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def take(batch: dict, members: slice, points: slice | None = None) -> dict:
-    """The batch of the members in ``members`` (tensors are stacked along dim 0; other entries are shared), and
-    of the points in ``points`` (dim 1 of the per-point entries ``x``, ``index`` and ``eps``)."""
-    out = {k: (v[members] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
-    if points is not None:
-        for k in POINT_KEYS:
-            if k in out:
-                out[k] = out[k][:, points]
-    return out
-
-
-POINT_KEYS = ("x", "index", "eps")  # the entries with one row per point (dim 1)
-
-
-class LatentVariableModule(L.LightningModule, ABC):
+class Method(L.LightningModule, ABC):
     #: True when the model's prior is N(0, I); False when it must be recovered from codes (method.md §6)
     standard_normal_prior = True
+    #: whether a step's points may be split into chunks (each point's bound independent of the others'); the
+    #: MAPA family shares one union of candidates across a batch's points, so it cannot
+    split_points = False
+    #: the config keys (below ``method.``) a results table names the method's configuration by
+    identity_keys: tuple[str, ...] = ("S",)
 
     def __init__(
         self,
@@ -142,7 +90,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         check(nan_policy in NAN_POLICIES, "nan_policy", nan_policy, f"must be one of {NAN_POLICIES}")
         check(chunk_rows is None or (isinstance(chunk_rows, int) and chunk_rows >= 1), "chunk_rows", chunk_rows,
               "must be an integer >= 1 or null")
-        self.automatic_optimization = False  # the module runs an epoch's steps itself (module doc)
+        self.automatic_optimization = False  # the loop runs an epoch's steps itself (mapa_exp.methods.loop)
         self.latent_dim, self.obs_dim, self.likelihood = latent_dim, obs_dim, likelihood
         self.seeds = [int(s) for s in seeds]
         self.members = len(self.seeds)
@@ -177,6 +125,7 @@ class LatentVariableModule(L.LightningModule, ABC):
         self._selected_nets = [*getattr(self, "_selected_nets", []), name]
         return net
 
+    # -- what a method computes ---------------------------------------------------------------
     @abstractmethod
     def step(self, batch: dict, members: slice) -> StepOutput:
         """The method's bound, surrogate and forward passes on one batch, for the members in ``members``."""
@@ -185,6 +134,27 @@ class LatentVariableModule(L.LightningModule, ABC):
     def rows_per_member(self, batch: dict) -> int:
         """How many network rows one member's step runs (chooses the member chunks)."""
 
+    def batch_extras(self, split: str, idx: torch.Tensor, gens: Sequence[torch.Generator | None], data) -> dict:
+        """What a batch of the points ``idx`` (E, b) of ``split`` carries beyond ``x`` and ``index``, drawn from
+        member e's generator ``gens[e]`` (None: member e draws nothing, e.g. masked out of a step)."""
+        return {}
+
+    def setup_data(self, data) -> None:
+        """Precompute from the data module what the batches need (called once before training)."""
+
+    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The parameter groups, one optimiser each (``configure_optimizers``), in the loop's order."""
+        return {"all": list(self.parameters())}
+
+    def train_epoch(self, loop: StackedLoop, data) -> None:
+        """One epoch of this method's training scheme (the loop's ``optimize`` is its step)."""
+        loop.standard_epoch(data)
+
+    def proposal_density(self, x: torch.Tensor, e: int, data) -> dict | None:
+        """What the method proposes for the latents of the points ``x`` (n, Dx), for the posterior picture:
+        ``{"z": (n, G) or (G,), "log_density": (n, G), "label": str, "kind": "density" | "points"}``, or None."""
+        return None
+
     def log_likelihood(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return self.likelihood.log_prob(x, params)
 
@@ -192,153 +162,18 @@ class LatentVariableModule(L.LightningModule, ABC):
         """Member e's decoder f_theta as a plain network (..., Dz) -> (..., Dx)."""
         return self.decoder.member(e)
 
-    # -- the step loop -----------------------------------------------------------------------
-    #: whether a step's points may be split into chunks (each point's bound independent of the others'); the
-    #: MAPA family shares one union of candidates across a batch's points, so it cannot
-    split_points = False
-
-    def chunks(self, batch: dict) -> list[tuple[slice, slice]]:
-        """(members, points) slices of at most ``chunk_rows`` network rows each, covering the batch."""
-        E, B = self.members, batch["x"].shape[1]
-        if self.chunk_rows is None:
-            return [(slice(0, E), slice(0, B))]
-        rows = max(1, self.rows_per_member(batch))
-        if rows > self.chunk_rows and self.split_points:  # one member at a time, a few points at a time
-            per_point = max(1, rows // B)
-            points = _split(B, max(1, self.chunk_rows // per_point))
-            return [(slice(e, e + 1), p) for e in range(E) for p in points]
-        return [(m, slice(0, B)) for m in _split(E, max(1, self.chunk_rows // rows))]
-
     def forward(self, batch: dict, members: slice | None = None) -> StepOutput:
         """The method's ``step`` (``members=None``: every member of this module's parameters)."""
         return self.step(batch, members)
 
-    def chunk_step(self, batch: dict, members: slice) -> StepOutput:
-        """``step`` on one chunk of the training loop: compiled when ``compile_steps`` (module doc), else eager."""
-        if not (self.compile_steps and self.training and torch.is_grad_enabled()):
-            return self.step(batch, members)
-        compiled = self.__dict__.get("_compiled_chunk")  # kept out of the module's attributes and state
-        if compiled is None:
-            def chunk(params: dict, chunk_batch: dict) -> StepOutput:
-                return torch.func.functional_call(self, params, (chunk_batch, None), strict=False)
-
-            compiled = self.__dict__["_compiled_chunk"] = torch.compile(chunk, dynamic=True)
-        # every parameter is a stacked (E, ...) tensor: the chunk's members are rows of each
-        return compiled({name: p[members] for name, p in self.named_parameters()}, batch)
-
-    def _to_device(self, batch: dict) -> dict:
-        if self.device.type == "cpu":
-            return batch
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def on_train_start(self) -> None:
-        self._steps_done = self.trainer.global_step  # one step per optimiser step (resumed runs included)
-
-    def training_step(self, _one_pass, _index) -> None:
-        trainer, dm = self.trainer, self.trainer.datamodule
-        optimizer = self.optimizers()  # Lightning's wrapper: ~20 us a step, and the trainer's global_step counts
-        starts = [cb for cb in trainer.callbacks if hasattr(cb, "on_train_step_start")]
-        backs = [cb for cb in trainer.callbacks if hasattr(cb, "on_after_step_backward")]
-        every = max(1, int(trainer.log_every_n_steps or 1))
-        self._epoch = {"bound": torch.zeros(self.members, dtype=torch.float64, device=self.device),
-                       "points": torch.zeros(self.members, dtype=torch.float64, device=self.device),
-                       "enc": torch.zeros(self.members, dtype=torch.float64, device=self.device),
-                       "dec": torch.zeros(self.members, dtype=torch.float64, device=self.device), "steps": 0}
-        with flushed_denormals():
-            for batch in dm.train_batches():
-                batch = self._to_device(batch)
-                for cb in starts:
-                    cb.on_train_step_start(trainer, self, batch)
-                stats = self._train_step(batch, optimizer, backs)
-                self._steps_done += 1
-                if self._steps_done % every == 0:
-                    self._emit({"train/bound_step": stats["bound"], **self._pass_metrics("train", stats, "_step"),
-                                "train/passes_encoder_total": self.passes_encoder_total,
-                                "train/passes_decoder_total": self.passes_decoder_total})
-        self._emit_epoch()  # the whole epoch is this one Lightning batch
-
-    def _train_step(self, batch: dict, optimizer, backs: list) -> dict:
-        E, dev = self.members, self.device
-        optimizer.zero_grad(set_to_none=True)
-        bound = torch.empty(E, device=dev)
-        loss_ok = torch.empty(E, dtype=torch.bool, device=dev)
-        enc = torch.empty(E, dtype=torch.long, device=dev)
-        dec = torch.empty(E, dtype=torch.long, device=dev)
-        B = batch["x"].shape[1]
-        bound.zero_()
-        loss_ok.fill_(True)
-        enc.zero_()
-        dec.zero_()
-        for m, pts in self.chunks(batch):
-            out = self.chunk_step(take(batch, m, pts), m)
-            loss = -out.surrogate.sum(1) / B  # (e,): each member's own mean; their sum keeps the gradients apart
-            loss.sum().backward()
-            bound[m] += out.bound.detach().sum(1) / B
-            loss_ok[m] &= torch.isfinite(loss.detach())
-            enc[m] += out.passes_encoder
-            dec[m] += out.passes_decoder
-        for cb in backs:
-            cb.on_after_step_backward(self.trainer, self)
-        bad_grad = self._finite_gradients()
-        self._guarded_step(optimizer, loss_ok & (bad_grad == 0), loss_ok, bad_grad)
-        counted = self.active  # a frozen (failed) member's passes no longer count
-        self.passes_encoder_total += enc * counted
-        self.passes_decoder_total += dec * counted
-        self.train_steps_total += counted
-        self.train_points_total += B * counted
-        acc = self._epoch
-        acc["bound"] += bound.double() * B
-        acc["points"] += B
-        acc["enc"] += enc
-        acc["dec"] += dec
-        acc["steps"] += 1
-        return {"bound": bound, "enc": enc, "dec": dec, "B": B}
-
-    def _finite_gradients(self) -> torch.Tensor:
-        """(E,) 0 when every gradient entry of each member is finite, else 1 + the index (in
-        ``named_parameters``) of the first parameter whose gradient is not (no device sync)."""
-        bad = torch.zeros(self.members, dtype=torch.long, device=self.device)
-        for i, p in enumerate(self.parameters()):
-            if p.grad is not None:
-                bad = torch.where((bad == 0) & ~torch.isfinite(p.grad).flatten(1).all(1), i + 1, bad)
-        return bad
-
-    def _guarded_step(self, optimizer, ok: torch.Tensor, loss_ok: torch.Tensor, bad_grad: torch.Tensor) -> None:
-        """The optimiser step for the members with ``ok`` and still active; the others keep their parameters
-        and optimiser state (see the module doc). Records failures (fail) or skips (skip_batch)."""
-        keep = ok & self.active
-        on_cpu = keep.device.type == "cpu"  # there these reads are free; on a GPU they would sync every step
-        if on_cpu and bool(keep.all()):  # the common case
-            optimizer.step()
-            return
-        self._record_faults(ok, loss_ok, bad_grad)
-        if on_cpu and not bool(keep.any()):  # no member steps: without gradients the optimiser leaves every
-            optimizer.zero_grad(set_to_none=True)  # parameter and its state (step counter too) as they are;
-            optimizer.step()  # called all the same, so that the trainer's step count stays the number of steps
-            return
-        E, state_of = self.members, optimizer.optimizer.state
-        params = [p for p in self.parameters() if p.grad is not None]
-        saved = []
-        for p in params:
-            state = state_of.get(p, {})
-            per_member = {k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == E}
-            saved.append((p, p.detach().clone(), per_member, bool(state)))
-            p.grad = torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0)  # finite arithmetic for the others
-        optimizer.step()
-        for p, old, per_member, had_state in saved:
-            m = keep.view(E, *([1] * (p.dim() - 1)))
-            p.data.copy_(torch.where(m, p.data, old))
-            for k, v in state_of[p].items():
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == E:
-                    before = per_member.get(k, torch.zeros_like(v)) if had_state else torch.zeros_like(v)
-                    v.copy_(torch.where(m.view(E, *([1] * (v.dim() - 1))), v, before))
-
-    def _record_faults(self, ok: torch.Tensor, loss_ok: torch.Tensor, bad_grad: torch.Tensor) -> None:
+    # -- what the loop keeps per member --------------------------------------------------------
+    def record_faults(self, ok: torch.Tensor, loss_ok: torch.Tensor, bad_grad: torch.Tensor) -> None:
         """Under ``fail`` freeze the active members without ``ok`` and note when and what; under ``skip_batch``
         count the skipped step."""
         bad = ~ok & self.active
         if self.nan_policy == "fail":
-            self.failed_step.copy_(torch.where(bad, self._steps_done, self.failed_step))
+            steps = self.__dict__.get("_loop")
+            self.failed_step.copy_(torch.where(bad, steps.steps_done if steps else 0, self.failed_step))
             self.failed_epoch.copy_(torch.where(bad, torch.full_like(self.failed_epoch, self.current_epoch),
                                                 self.failed_epoch))
             self.failed_what.copy_(torch.where(bad, torch.where(loss_ok, 1 + bad_grad, 0), self.failed_what))
@@ -354,65 +189,8 @@ class LatentVariableModule(L.LightningModule, ABC):
         return {e: f"non-finite {said[e]} at step {steps[e]} (epoch {epochs[e]})"
                 for e in range(self.members) if steps[e] >= 0}
 
-    def _emit_epoch(self) -> None:
-        """The epoch's means, emitted before the epoch's checkpoint is written (so a kill cannot lose them)."""
-        acc = self._epoch
-        if not acc["steps"]:
-            return
-        steps, points = acc["steps"], acc["points"]
-        self._emit({"train/bound_epoch": acc["bound"] / points,
-                    "train/passes_encoder_epoch": acc["enc"] / steps, "train/passes_decoder_epoch": acc["dec"] / steps,
-                    "train/passes_per_point_decoder_epoch": acc["dec"] / points,
-                    "train/passes_per_point_encoder_decoder_epoch": (acc["enc"] + acc["dec"]) / points})
-        if not bool(self.active.any()):  # every member failed: nothing left to train
-            self.trainer.should_stop = True
-
-    def _pass_metrics(self, split: str, stats: dict, suffix: str = "") -> dict:
-        B, enc, dec = stats["B"], stats["enc"], stats["dec"]
-        return {f"{split}/passes_encoder{suffix}": enc, f"{split}/passes_decoder{suffix}": dec,
-                f"{split}/passes_per_point_decoder{suffix}": dec / B,
-                f"{split}/passes_per_point_encoder_decoder{suffix}": (enc + dec) / B}
-
-    def _emit(self, metrics: dict) -> None:
-        """Hand per-member metrics (tensors of shape (E,)) to the callbacks that write them."""
-        for cb in self.trainer.callbacks:
-            hook = getattr(cb, "on_member_metrics", None)
-            if hook is not None:
-                hook(self.trainer, self, metrics, getattr(self, "_steps_done", 0), self.current_epoch)
-
-    # -- evaluation passes -------------------------------------------------------------------
     @torch.no_grad()
-    def mean_bounds(self, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
-        """Mean per-point bound (nats) and mean passes per step of each member over ``batches``, in eval mode:
-        ``{"bound", "enc", "dec", "B"}``, tensors of shape (E,) in float64."""
-        was_training = self.training
-        self.eval()
-        E = self.members
-        total = torch.zeros(E, dtype=torch.float64, device=self.device)
-        enc = torch.zeros(E, dtype=torch.float64, device=self.device)
-        dec = torch.zeros(E, dtype=torch.float64, device=self.device)
-        points, steps = 0, 0
-        with flushed_denormals():
-            for batch in batches:
-                batch = self._to_device(batch)
-                for m, pts in self.chunks(batch):
-                    out = self.step(take(batch, m, pts), m)
-                    total[m] += out.bound.double().sum(1)
-                    enc[m] += out.passes_encoder
-                    dec[m] += out.passes_decoder
-                points += batch["x"].shape[1]
-                steps += 1
-        self.train(was_training)
-        return {"bound": total / points, "enc": enc / steps, "dec": dec / steps, "B": points / steps}
-
-    def validation_step(self, _one_pass, _index) -> None:
-        dm = self.trainer.datamodule
-        res = self.mean_bounds(dm.eval_batches("val", "eval", self.current_epoch, limit=dm.limits["val"]))
-        self._emit({"val/bound": res["bound"], **self._pass_metrics("val", res)})
-        self._keep_best(res["bound"])
-
-    @torch.no_grad()
-    def _keep_best(self, val_bound: torch.Tensor) -> None:
+    def keep_best(self, val_bound: torch.Tensor) -> None:
         """Each active member whose validation bound improved keeps its current parameters as its best."""
         improved = (val_bound > self.best_val_bound) & self.active  # a NaN never improves
         self.best_val_bound.copy_(torch.where(improved, val_bound, self.best_val_bound))
@@ -420,9 +198,6 @@ class LatentVariableModule(L.LightningModule, ABC):
         for name in self._selected_nets:
             best = getattr(self, f"best_{name}")
             best.copy_(torch.where(improved[:, None], getattr(self, name).params, best))
-
-    def configure_optimizers(self):
-        return self.optimizer_factory(self.parameters())
 
     def forward_pass_summary(self, e: int = 0) -> dict:
         """Member e's training forward passes so far: totals and per-point / per-step averages."""
@@ -440,3 +215,33 @@ class LatentVariableModule(L.LightningModule, ABC):
             "passes_per_step_encoder": enc / steps,
             "passes_per_step_decoder": dec / steps,
         }
+
+    # -- Lightning: one pass is one "batch", whose steps the loop runs -------------------------
+    def configure_optimizers(self):
+        optimizers = [self.optimizer_factory(params) for params in self.optimizer_groups().values()]
+        return optimizers[0] if len(optimizers) == 1 else optimizers
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer is not None and self.trainer.datamodule is not None:
+            self.setup_data(self.trainer.datamodule)
+
+    def _the_loop(self) -> StackedLoop:
+        loop = self.__dict__.get("_loop")  # kept out of the module's attributes and state
+        if loop is None:
+            loop = self.__dict__["_loop"] = StackedLoop(self, self.trainer)
+        return loop
+
+    def on_train_start(self) -> None:
+        self.__dict__.pop("_loop", None)  # counts from the trainer's step (a resumed run's included)
+        self._the_loop()
+
+    def training_step(self, _one_pass, _index) -> None:
+        self._the_loop().train_epoch(self.trainer.datamodule)
+
+    def validation_step(self, _one_pass, _index) -> None:
+        self._the_loop().validate(self.trainer.datamodule)
+
+    @torch.no_grad()
+    def mean_bounds(self, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+        """Mean per-point bound and passes of each member over ``batches`` (``StackedLoop.mean_bounds``)."""
+        return StackedLoop(self, None, optimizers=[]).mean_bounds(batches)

@@ -2,22 +2,25 @@
 
 One module, two objectives: ``elbo`` (the VAE with S samples, averaged) and ``iwae`` (IWAE_S), and
 three gradient estimators for the encoder: ``standard``, ``stl`` and ``dreg``. The reparameterisation
-noise comes with the batch (``eps``, drawn from each member's own stream by the datamodule).
+noise comes with the batch (``eps``, ``batch_extras``: drawn from each member's own data stream).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from mapa_exp.errors import check
 from mapa_exp.math.bounds import ESTIMATORS, elbo, iwae_bound, iwae_surrogate, log_weights_gaussian_q
-from mapa_exp.methods.base import LatentVariableModule, StepOutput
+from mapa_exp.methods.base import Method, StepOutput
 
 OBJECTIVES = ("elbo", "iwae")
 
 
-class GaussianEncoderVAE(LatentVariableModule):
+class GaussianEncoderVAE(Method):
     split_points = True  # each point's bound is its own
+
     def __init__(self, *args, S: int = 1, objective: str = "elbo", estimator: str = "standard", **kwargs):
         check(isinstance(S, int) and S >= 1, "method.S", S, "must be an integer >= 1 for a VAE or IWAE")
         check(objective in OBJECTIVES, "method.objective", objective, f"must be one of {OBJECTIVES}")
@@ -26,10 +29,22 @@ class GaussianEncoderVAE(LatentVariableModule):
         self.S, self.objective, self.estimator = S, objective, estimator
         self.encoder = self.make_net(self.obs_dim, 2 * self.latent_dim, "encoder")
 
-    @property
-    def noise_shape(self) -> tuple[int, int]:
-        """(S, Dz): the standard normal noise a step needs per point (drawn by the datamodule)."""
-        return (self.S, self.latent_dim)
+    def batch_extras(self, split, idx, gens, data) -> dict:
+        """``eps`` (E, b, S, Dz): the standard normal reparameterisation noise of each point, member e's from its
+        own generator (zeros for a member that draws nothing)."""
+        b, shape = idx.shape[1], (idx.shape[1], self.S, self.latent_dim)
+        return {"eps": torch.stack([torch.randn(shape, generator=g) if g is not None else torch.zeros(shape)
+                                    for g in gens])}
+
+    def proposal_density(self, x, e, data) -> dict:
+        """q(z|x) of member e's encoder, on a grid of z (Dz = 1)."""
+        if self.latent_dim != 1:
+            return None
+        with torch.no_grad():
+            mean, logvar = self.encode(x, e)
+        z = torch.linspace(-4, 4, 801, dtype=mean.dtype)
+        log_q = -0.5 * ((z[None, :] - mean) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi))  # (n, G)
+        return {"z": z, "log_density": log_q, "label": "encoder q(z|x)", "kind": "density"}
 
     def encode(self, x: torch.Tensor, e: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Member e's q(z|x): mean and log-variance, each (..., Dz)."""

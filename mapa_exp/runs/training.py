@@ -1,6 +1,6 @@
 """A training job: config in, trained run folders out (resolved config, metrics, checkpoint, results).
 
-``run_job(cfg)`` is what ``train.py`` calls: it trains the job's members (``mapa_exp.runs.members``) -- one
+``run_job(cfg)`` is what ``train.py`` calls (through ``mapa_exp.pipeline``): it trains the job's members (``mapa_exp.runs.members``) -- one
 run, or a stack of runs of one configuration that differ in ``seed`` and ``dataset.draw`` -- as one model
 in one process, and returns each member's results; ``run_training(cfg)`` is the same for a plain run and
 returns its one result. Each member's ``results.json`` is written atomically whatever happens:
@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import lightning as L
@@ -54,8 +55,7 @@ def build(cfg: DictConfig, seeds: list[int] | None = None, draws: list[int] | No
     draws = [int(cfg.dataset.get("draw", 0))] * len(seeds) if draws is None else [int(d) for d in draws]
     truths = {d: hydra.utils.instantiate(cfg.dataset, draw=d) for d in sorted(set(draws))}
     gt = truths[draws[0]]
-    proposal = hydra.utils.instantiate(cfg.method.proposal) if cfg.method.get("proposal") else None
-    module = hydra.utils.instantiate(
+    module = hydra.utils.instantiate(  # the method: one module and its config (mapa_exp.methods.base)
         cfg.method.module,
         latent_dim=gt.latent_dim,
         obs_dim=gt.obs_dim,
@@ -68,8 +68,7 @@ def build(cfg: DictConfig, seeds: list[int] | None = None, draws: list[int] | No
         compile_steps=bool(cfg.get("compile", False)),
     )
     make_datamodule = hydra.utils.instantiate(cfg.data, _partial_=True)  # objects and lists kept out of OmegaConf
-    datamodule = make_datamodule(groundtruth=[truths[d] for d in draws], proposal=proposal, seeds=seeds,
-                                 noise_shape=module.noise_shape)
+    datamodule = make_datamodule(groundtruth=[truths[d] for d in draws], seeds=seeds)
     return datamodule, module
 
 
@@ -142,20 +141,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_training(cfg: DictConfig) -> dict:
+def run_training(cfg: DictConfig, finish: Callable[["Trained"], None] | None = None) -> dict:
     """Train one plain run (no ``stack_members``); returns its results (also in ``results.json``).
 
     Raises RunFailed when it failed (e.g. a non-finite loss under ``nan_policy=fail``).
     """
     check(not is_stacked(cfg), "stack_members", cfg.get("stack_members"), "run_training trains one run; use run_job")
-    (res,) = run_job(cfg)
+    (res,) = run_job(cfg, finish)
     if res.get("status") == "failed":
         raise RunFailed(res["reason"])
     return res
 
 
-def run_job(cfg: DictConfig) -> list[dict]:
-    """Train the job's members (one run or a stack, see the module doc); returns each member's results."""
+def run_job(cfg: DictConfig, finish: Callable[["Trained"], None] | None = None) -> list[dict]:
+    """Train the job's members (one run or a stack, see the module doc); returns each member's results.
+    ``finish(trained)`` runs after training, while the members' loggers are open (``mapa_exp.pipeline``: the
+    dashboards' pictures and, with ``evaluate=true``, the evaluation)."""
     validate(cfg)  # keys, types, targets, trainer limits (mapa_exp.config): also what `+key=...` added
     check(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be an integer in [0, 2**32)")
     nt = cfg.get("num_threads")
@@ -175,11 +176,11 @@ def run_job(cfg: DictConfig) -> list[dict]:
     # one writer per folder: a second process is refused here, before it reads or writes anything
     lock = FolderLock([stack_dir, *(m.run_dir for m in todo)], "hydra.run.dir" if not stacked else "run folder")
     with lock:
-        return _run_members(cfg, members, todo, done, stack_dir, stacked)
+        return _run_members(cfg, members, todo, done, stack_dir, stacked, finish)
 
 
 def _run_members(cfg: DictConfig, members: list[Member], todo: list[Member], done: dict, stack_dir: Path,
-                 stacked: bool) -> list[dict]:
+                 stacked: bool, finish) -> list[dict]:
     """``run_job`` for the members still to train (``todo``), the folders locked."""
     identities = [run_identity(m.cfg) for m in todo]
     resume = _resume_point(stack_dir / "checkpoints" / "last.ckpt", identities)  # checked before anything is touched
@@ -220,46 +221,27 @@ def _run_members(cfg: DictConfig, members: list[Member], todo: list[Member], don
         _write_member_checkpoints(stack_dir / "checkpoints" / "last.ckpt", todo, results, stacked)
     _write_results(results, todo, stack_dir if stacked else None, t0)
     try:
-        _dashboards(cfg, fit if completed else None, completed, results, loggers)
-        if cfg.get("evaluate") and completed:  # scored before the loggers close: the numbers join the same runs
-            from mapa_exp.evaluation.evaluate import evaluate_configured
-
-            evaluate_configured([m.run_dir for _, m in completed], cfg,
-                                on_result=lambda path, out, points: _log_evaluation(path, out, points, todo, loggers))
+        for e, m in completed:
+            for lg in loggers[e]:
+                lg.log_summary(results[m.index])
+        if finish is not None and completed:  # before the loggers close: what it logs joins the same runs
+            finish(Trained(cfg, fit, completed, results, loggers))
     finally:
         _close_loggers(results, todo, loggers)
     return [results.get(m.index) or done[m.index] for m in members]
 
 
-def _dashboards(cfg, fit, completed: list, results: dict, loggers: list[list]) -> None:
-    """Each completed member's results as its dashboard's summary, and its pictures (runs.pictures) for the
-    loggers that take them."""
-    for e, m in completed:
-        group = loggers[e]
-        for lg in group:
-            lg.log_summary(results[m.index])
-        if any(lg.takes_pictures for lg in group):
-            from mapa_exp.runs.pictures import run_pictures
+class Trained:
+    """A job's completed members after training, for a ``finish`` step (``mapa_exp.pipeline``): the config, the
+    fit (module, datamodule), ``completed`` = [(stack index, Member)], the results and each member's loggers."""
 
-            try:
-                figures = run_pictures(fit.module, e, fit.datamodule, dict(cfg.get("prior_recovery") or {}))
-            except Exception as exc:  # noqa: BLE001 -- a picture must never cost a run
-                log.warning("pictures of %s failed: %s", m.run_dir, exc)
-                continue
-            for lg in group:
-                lg.log_images(figures, int(results[m.index].get("train_steps") or 0))
+    def __init__(self, cfg, fit, completed: list, results: dict, loggers: list[list]):
+        self.cfg, self.fit, self.completed, self.results, self.loggers = cfg, fit, completed, results, loggers
 
-
-def _log_evaluation(path, out: dict, points: dict, todo: list[Member], loggers: list[list]) -> None:
-    """The evaluation of one member into its loggers: ``eval/...`` summary values and, per estimator, a table
-    of the test points' log-likelihoods under the model and the truth."""
-    e = next(i for i, m in enumerate(todo) if Path(m.run_dir).resolve() == Path(path).resolve())
-    for lg in loggers[e]:
-        lg.log_summary({f"eval/{k}": v for k, v in out["metrics"].items()})
-        for name, cols in points.items():
-            columns = list(cols)
-            lg.log_table(f"eval/test_points_{name}", ["point", *columns],
-                         [[i, *row] for i, row in enumerate(zip(*(cols[c] for c in columns)))])
+    def loggers_of(self, run_dir) -> list:
+        """The loggers of the member whose run folder is ``run_dir``."""
+        e = next(e for e, m in self.completed if Path(m.run_dir).resolve() == Path(run_dir).resolve())
+        return self.loggers[e]
 
 
 def _close_loggers(results: dict, todo: list[Member], loggers: list[list]) -> None:
@@ -385,8 +367,8 @@ def _outcome(fit: _Fit, members: list[Member]) -> dict[int, dict]:
         status = "interrupted" if stop.received == signal.SIGINT else "preempted"
         return {m.index: {"status": status, "signal": int(stop.received), "epochs": trainer.current_epoch,
                           "skipped_batches": skipped[e], "reason": reason} for e, m in enumerate(members)}
-    train = module.mean_bounds(dm.eval_batches("train", "final"))["bound"].tolist()
-    val = module.mean_bounds(dm.eval_batches("val", "final"))["bound"].tolist()
+    train = module.mean_bounds(dm.eval_batches("train", "final", extend=module.batch_extras))["bound"].tolist()
+    val = module.mean_bounds(dm.eval_batches("val", "final", extend=module.batch_extras))["bound"].tolist()
     failures = module.failure_reasons()
     best_epoch, best_val = module.best_epoch.tolist(), module.best_val_bound.tolist()
     out = {}

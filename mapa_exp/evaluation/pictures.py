@@ -9,8 +9,9 @@
 * ``pictures/samples``: 1000 draws from the model (prior, decoder, observation noise) beside 1000 held-out
   test points; binary image data: a grid of sampled images.
 * ``pictures/posterior`` (1-D latents): for 4 test points, the model's exact posterior density over its
-  latent (quadrature) and what the method proposes for it -- the encoder's Gaussian q(z|x) (VAE/IWAE) or
-  MAPA's kernel proposal q(m|x) over the training codes (method.md Eq 8), drawn at the codes.
+  latent (quadrature) and what the method proposes for it (``Method.proposal_density``) -- the encoder's
+  Gaussian q(z|x) (VAE/IWAE) or the MAPA family's q(m|x) over the training codes (Eq 8, Eq 7 or uniform),
+  drawn at the codes.
 
 Only drawn when a logger takes pictures (``logger=wandb``); every figure has labelled axes with units.
 """
@@ -25,14 +26,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from mapa_exp.evaluation.evaluate import model_of_module  # noqa: E402
 from mapa_exp.math.quadrature import StandardNormalPrior, grid_log_posterior  # noqa: E402
 
 
 @torch.no_grad()
 def run_pictures(module, e: int, datamodule, prior_recovery: dict | None = None, n_points: int = 4) -> dict:
     """The figures of member e (module doc), by name; ``prior_recovery`` as the evaluation's."""
-    from mapa_exp.evaluation.evaluate import model_of_module
-
     x = {s: datamodule.member_x(s, e) for s in ("train", "val", "test")}
     model = model_of_module(module, x, e, **(prior_recovery or {}))  # the prior chosen on validation data
     truth = datamodule.truth(e)
@@ -116,25 +116,21 @@ def _posterior_figure(module, e, model, x, n_points, datamodule):
     log_post = grid_log_posterior(points.double(), model.decode, model.likelihood, grid)  # (P, J) log masses
     density = (log_post - grid.log_weights + StandardNormalPrior(1).log_prob(grid.nodes)).exp()  # per unit latent
     fig, axes = plt.subplots(1, n_points, figsize=(3.0 * n_points, 2.6), squeeze=False)
-    encoder = getattr(module, "encode", None)
-    proposal = getattr(datamodule, "proposal", None)
+    proposed = module.proposal_density(points, e, datamodule)
+    latent = "ẑ" if not module.standard_normal_prior else "z"
     for j, ax in enumerate(axes[0]):
-        latent = "ẑ" if not module.standard_normal_prior else "z"
         ax.plot(grid.nodes[:, 0], density[j], color="black", lw=1.2, label=f"model posterior p({latent}|x)")
-        if encoder is not None:  # VAE / IWAE: the amortised Gaussian q(z|x)
-            mean, logvar = encoder(points[j : j + 1], e)
-            q = torch.distributions.Normal(mean[0, 0].double(), logvar[0, 0].double().mul(0.5).exp())
-            ax.plot(grid.nodes[:, 0], q.log_prob(grid.nodes[:, 0]).exp(), color="tab:orange", lw=1.2, ls="--",
-                    label="encoder q(z|x)")
-        elif proposal is not None and hasattr(proposal, "bandwidth"):  # MAPA: q(m|x) at the training codes
-            xt = datamodule.member_x("train", e)
-            d2 = (xt - points[j]).pow(2).sum(-1)
-            log_q = torch.log_softmax(datamodule.groundtruth.likelihood.log_kernel(d2, bandwidth=proposal.bandwidth,
-                                                                                   rho=proposal.rho), 0)
-            codes = model.copula.to_standard(module.codes(xt, e)[:, 0].double())
+        if proposed is not None and proposed["kind"] == "density":  # a density over z, e.g. the encoder's q(z|x)
+            ax.plot(proposed["z"], proposed["log_density"][j].double().exp(), color="tab:orange", lw=1.2, ls="--",
+                    label=proposed["label"])
+        elif proposed is not None:  # probabilities of training points, drawn at their codes
+            codes = proposed["z"].double()
+            if model.copula is not None:  # in the recovered model's own latent
+                codes = model.copula.to_standard(codes)
+            log_q = proposed["log_density"][j]
             top = torch.argsort(log_q, descending=True)[:50]
             ax2 = ax.twinx()
-            ax2.vlines(codes[top], 0, log_q[top].exp(), color="tab:blue", lw=1, label="MAPA q(m|x) at codes")
+            ax2.vlines(codes[top], 0, log_q[top].exp(), color="tab:blue", lw=1, label=proposed["label"])
             ax2.set_ylabel("q(m|x)", fontsize=7)
             ax2.set_ylim(0, None)
         ax.set_xlabel(f"latent {latent}")

@@ -1,4 +1,4 @@
-"""Proposals over training indices for MAPA and its ablations (method.md §3, §9), as configurable objects.
+"""Proposals over training indices for MAPA and its ablations (method.md §3, §9), and the batches they make.
 
 Each proposal turns query points into *rows*: candidate training indices sorted by decreasing
 probability (R, M) and their log-probabilities (R, M). The top K columns are T_K(n); the tail q~ is
@@ -10,6 +10,11 @@ a log-softmax over the remaining columns (``mapa_exp.math.proposals``).
   and ``uniform_share`` eps > 0 the tail is the defensive mixture of ``mapa_exp.math.truncated``.
 * ``GroundTruthPosteriorProposal`` -- MAPA-GT (Eq 7): the true index posterior from f_GT and z_GT.
 * ``UniformProposal`` -- MAPA-naive: q = 1/N, top-K ties broken self first, then at random.
+
+A proposal's rows are turned once into ``ProposalTables`` (the tail as an alias table, so a step draws each tail
+sample in O(1)); ``candidate_batch`` then makes the MAPA part of a batch: the top-K set, the S tail samples drawn
+from each member's own generator, and the union of both, on which g_phi and f_theta run once
+(``union_of_candidates``). ``log_q_of`` gives q(m | x) of arbitrary points, for the dashboards' pictures.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from abc import ABC, abstractmethod
 import torch
 
 from mapa_exp.errors import check
-from mapa_exp.math.proposals import log_softmax_rows
+from mapa_exp.math.proposals import AliasTable, alias_positions, alias_table, log_softmax_rows, tail_log_proposal, take
+from mapa_exp.math.proposals import uniforms
+from mapa_exp.math.truncated import mixture_from_uniforms, mixture_log_prob
 
 
 class Proposal(ABC):
@@ -47,6 +54,10 @@ class Proposal(ABC):
     @abstractmethod
     def rows(self, ctx: "ProposalContext", split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate indices (R, M) sorted by decreasing q and their log q (R, M) for ``split``'s points."""
+
+    @abstractmethod
+    def log_q_of(self, ctx: "ProposalContext", x: torch.Tensor) -> torch.Tensor:
+        """log q(m | x) of the points ``x`` (n, Dx) over every training index m, in index order: (n, N)."""
 
 
 class KernelProposal(Proposal):
@@ -76,6 +87,13 @@ class KernelProposal(Proposal):
         log_k = ctx.likelihood.log_kernel(dist, bandwidth=self.bandwidth, rho=self.rho)
         return idx, log_softmax_rows(log_k)
 
+    def log_q_of(self, ctx, x):
+        from mapa_exp.data.proximity import nearest_neighbors
+
+        idx, dist = nearest_neighbors(ctx.x["train"], x, metric=ctx.likelihood.metric)  # (n, N), sorted
+        log_q = log_softmax_rows(ctx.likelihood.log_kernel(dist, bandwidth=self.bandwidth, rho=self.rho))
+        return torch.empty_like(log_q).scatter_(1, idx, log_q)
+
 
 class GroundTruthPosteriorProposal(Proposal):
     """MAPA-GT: q(m | x_n) = p(i_n = m | x_n) under the ground truth (Eq 7), over all N."""
@@ -94,6 +112,11 @@ class GroundTruthPosteriorProposal(Proposal):
             ll = torch.cat([ctx.likelihood.log_prob(c[:, None, :], means[None]) for c in x.split(256)])  # (R, N)
         log_q, idx = torch.sort(log_softmax_rows(ll), dim=1, descending=True, stable=True)
         return idx, log_q
+
+    def log_q_of(self, ctx, x):
+        with torch.no_grad():
+            means = ctx.groundtruth.decoder(ctx.z_train)  # (N, Dx)
+            return log_softmax_rows(ctx.likelihood.log_prob(x[:, None, :], means[None]))
 
 
 class UniformProposal(Proposal):
@@ -114,6 +137,9 @@ class UniformProposal(Proposal):
         idx = torch.argsort(ranks, dim=1)
         return idx, torch.full((R, N), -math.log(N))
 
+    def log_q_of(self, ctx, x):
+        return torch.full((x.shape[0], ctx.n_train), -math.log(ctx.n_train))
+
 
 class ProposalContext:
     """What a proposal may look at: the data, the ground truth and the (cached) neighbour structures.
@@ -132,3 +158,78 @@ class ProposalContext:
         if split not in self._built:
             self._built[split] = self._neighbors[split] if isinstance(self._neighbors, dict) else self._neighbors(split)
         return self._built[split]
+
+
+class ProposalTables:
+    """A proposal's rows for one split of every draw: candidates (D, n, M), log q~ (D, n, M - K) and the
+    alias table of q~ (rows d * n + i), built once: a tail draw then costs O(1) whatever M."""
+
+    def __init__(self, rows: list[tuple[torch.Tensor, torch.Tensor]], K: int):
+        idx = torch.stack([r[0] for r in rows])  # (D, n, M)
+        self.idx = idx.to(torch.int32) if idx.max() < 2**31 - 1 else idx
+        self.log_q_tail = torch.stack([tail_log_proposal(r[1], K) for r in rows])  # (D, n, T), T = M - K
+        D, n, T = self.log_q_tail.shape
+        tables = [alias_table(t) for t in self.log_q_tail]
+        self.alias = AliasTable(torch.cat([t.prob for t in tables]), torch.cat([t.alias for t in tables]))  # (D*n, T)
+
+
+def candidate_batch(tables: ProposalTables, x_ref: torch.Tensor, member_draw: torch.Tensor, idx: torch.Tensor,
+                    gens: Sequence[torch.Generator | None], K: int, S: int, uniform_share: float = 0.0) -> dict:
+    """The MAPA part of a batch (module doc) for the points ``idx`` (E, b) of each member: its top-K set from
+    ``tables``, S tail samples drawn with member e's generator ``gens[e]``, and the union of both.
+
+    tables: the proposal's rows of the points' split (D draws); x_ref: the training points (D, N, Dx);
+    member_draw: (E,) each member's draw. Returns ``x_union``, ``pos``, ``U``, ``tail_log_q``, ``K``, ``N``.
+    """
+    E, b = idx.shape
+    N = x_ref.shape[1]
+    draw = member_draw[:, None]  # (E, 1)
+    cand = tables.idx[draw, idx, :K].long()  # (E, b, K) the top-K set
+    tail_log_q = torch.empty(E, b, 0)
+    if S > 0:
+        n = tables.idx.shape[1]
+        table_rows = draw * n + idx  # (E, b) rows of the alias table
+        u = torch.stack([uniforms((b, S, 4 if uniform_share > 0 else 2), g) for g in gens])  # (E, b, S, .)
+        if uniform_share > 0:
+            rows = tables.idx[draw, idx].long()  # (E, b, M)
+            flat = lambda t: t.flatten(0, 1)  # noqa: E731  (E*b, ...)
+            tail = mixture_from_uniforms(flat(rows), tables.alias, flat(table_rows), K, N, uniform_share, flat(u))
+            tail_log_q = mixture_log_prob(flat(rows), flat(tables.log_q_tail[draw, idx]), K, N, uniform_share,
+                                          tail).view(E, b, S)
+            tail = tail.view(E, b, S)
+        else:
+            pos = alias_positions(tables.alias, table_rows, u)  # (E, b, S) positions in the tail
+            M, T = tables.idx.shape[-1], tables.log_q_tail.shape[-1]
+            tail = take(tables.idx, table_rows[..., None] * M + K + pos).long()
+            tail_log_q = take(tables.log_q_tail, table_rows[..., None] * T + pos)
+        cand = torch.cat([cand, tail], -1)  # (E, b, K+S)
+    x_union, pos, counts = union_of_candidates(cand, x_ref, member_draw)
+    return {"x_union": x_union, "pos": pos, "U": counts, "tail_log_q": tail_log_q, "K": K, "N": N}
+
+
+def union_of_candidates(cand: torch.Tensor, x_ref: torch.Tensor, member_draw: torch.Tensor):
+    """Each member's distinct candidates, their points and where each candidate sits among them.
+
+    cand: (E, b, C) training indices in [0, N); x_ref: (D, N, Dx); member_draw: (E,) into x_ref.
+    Returns ``x_union`` (E, U, Dx) (member e's distinct candidates in increasing index order, zero rows after
+    its count), ``pos`` (E, b, C) positions into member e's rows, and the counts (E,).
+    """
+    E, N = cand.shape[0], x_ref.shape[1]
+    key = (cand + (torch.arange(E) * N)[:, None, None]).reshape(-1)  # member e's index m -> e*N + m
+    if E * N <= 8 * key.numel():  # dense marks beat sorting when the index range is small
+        present = torch.zeros(E * N, dtype=torch.bool)
+        present[key] = True
+        uniq = present.nonzero().squeeze(1)  # sorted
+        rank = present.cumsum(0) - 1  # (E*N,) global position among the present keys
+        counts = present.view(E, N).sum(1)
+        inverse = rank[key]
+    else:
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        counts = torch.bincount(uniq // N, minlength=E)
+    member = uniq // N
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(uniq.numel()) - starts[member]  # position within the member's own union
+    x_union = x_ref.new_zeros(E, int(counts.max()), x_ref.shape[-1])
+    x_union[member, slot] = x_ref[member_draw[member], uniq - member * N]
+    pos = (inverse - starts.repeat_interleave(cand[0].numel())).view(cand.shape)
+    return x_union, pos, counts
