@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mapa_exp.config import check_command_line  # light: the command line is checked before torch loads
+from mapa_exp.cli import check_command_line  # light: the command line is checked before torch loads
 from mapa_exp.errors import ConfigError
 
 

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mapa_exp.config import check_command_line  # light: the command line is checked before torch loads
+from mapa_exp.cli import check_command_line  # light: the command line is checked before torch loads
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 _failed_jobs: list[int] = []  # exit statuses of the failed jobs of a multirun

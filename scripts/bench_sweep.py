@@ -47,7 +47,7 @@ def sweep_jobs(experiment: str, extra: list[str]) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    import mapa_exp  # noqa: F401  resolvers
+    import mapa_exp.config  # noqa: F401  resolvers
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *extra], return_hydra_config=True)

@@ -56,7 +56,7 @@ def compose(dataset: str, method: str, S: int, K: int | None, decoder: str, seed
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import mapa_exp  # noqa: F401 -- the resolvers
+    import mapa_exp.config  # noqa: F401 -- the resolvers
 
     overrides = [f"dataset={dataset}", f"method={method}", f"method.S={S}", f"seed={seed}",
                  f"net.decoder.hidden=[{','.join(map(str, decoder_hidden(decoder)))}]", *extra]

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-import mapa_exp  # noqa: F401,E402  registers the config resolvers (${mapa_k:...}) before any compose
+import mapa_exp.config  # noqa: F401,E402  registers the config resolvers (${mapa_k:...}) and schemas before any compose
 
 torch.set_num_threads(1)  # as training does: these networks are tiny, and the machine is shared
 

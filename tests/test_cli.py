@@ -72,7 +72,7 @@ CASES = [
     ("zero epochs", "train", ["trainer.max_epochs=0"], "trainer.max_epochs=0", ">= 1"),
     ("S not a number", "train", ["method.S=abc"], "method.S='abc'", "must be an integer"),
     ("misspelt group", "train", ["datset=spiral"], "datset=", "did you mean dataset"),
-    ("unknown group option", "train", ["method=mapaa"], "method='mapaa'", "available: iwae, mapa"),
+    ("unknown group option", "train", ["method=mapaa"], "method='mapaa'", "iwae, mapa, mapa_gt"),
     ("evaluate not a bool", "train", ["evaluate=maybe"], "evaluate='maybe'", "true or false"),
     ("compile not a bool", "train", ["compile=sometimes"], "compile='sometimes'", "true or false"),
     ("batch size a word", "train", ["data.batch_size=ten"], "data.batch_size='ten'", "must be an integer"),
@@ -155,7 +155,7 @@ def test_the_command_line_is_checked_without_loading_torch(evaluated):
     and a bad folder are decided before torch or Lightning is imported (each would cost seconds); a misspelt
     ``_target_`` still gets its hint (that error path may import the module)."""
     _, runs = evaluated
-    probe = ("import sys\nfrom mapa_exp.config import _check\nfrom mapa_exp.errors import ConfigError\n"
+    probe = ("import sys\nfrom mapa_exp.cli import _check\nfrom mapa_exp.errors import ConfigError\n"
              "def run(name, argv):\n    try:\n        _check(name, argv)\n        return 'ok'\n"
              "    except ConfigError as exc:\n        return str(exc)\n"
              "said = [run('train', ['method=mapa', 'dataset=figure8']), run('train', ['method=vae', 'trainer=gpu']),"

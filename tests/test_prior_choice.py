@@ -1,4 +1,4 @@
-"""MAPA's prior recovery chosen on validation data (mapa_exp.evaluation.priors, method.md §6), tested on the codes
+"""MAPA's prior recovery chosen on validation data (mapa_exp.math.prior_choice, method.md §6), tested on the codes
 MAPA really produces: tight groups with wide gaps (Clusters, Spiral-Dots), not only the truth's Gaussian codes.
 
 The independent answer is the empiricalized mixture of method.md Eq 6, log p(x) = log (1/N) sum_m p(x | f(z_m)):
@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from mapa_exp.errors import ConfigError
 from mapa_exp.evaluation.estimators import QuadratureEstimator
 from mapa_exp.evaluation.evaluate import choose_prior
-from mapa_exp.evaluation.priors import choose, plain_settings, prior_candidates
+from mapa_exp.math.prior_choice import choose, plain_settings, prior_candidates
 from mapa_exp.math.likelihoods import Gaussian
 from mapa_exp.math.prior_recovery import MIN_SLOPE_RATIO, CopulaPrior1D
 

@@ -17,6 +17,7 @@ import torch
 
 from mapa_exp.errors import ConfigError
 from mapa_exp.evaluation.mog_iwae import fit_mog_iwae, mog_iwae_log_likelihood
+from mapa_exp.math.prior_choice import PriorCandidate
 from mapa_exp.math.prior_recovery import CopulaPrior1D, MixturePrior, compose_decoder
 from mapa_exp.math.quadrature import MAX_LATENT_DIM, StandardNormalPrior, convergence_check, quadrature_log_likelihood
 
@@ -44,6 +45,18 @@ def recovered_model(decoder, likelihood, codes: torch.Tensor, tail_knots: int = 
         return GenerativeModel(decode, likelihood, 1, StandardNormalPrior(1), copula)
     prior = MixturePrior.fit(codes.double(), n_components=n_components, seed=seed)
     return GenerativeModel(lambda z: decoder(z.to(torch.get_default_dtype())), likelihood, Dz, prior)
+
+
+def recovered_models(decoder, likelihood, codes, candidates: list[PriorCandidate]) -> dict:
+    """Each prior candidate's recovered model (``recovered_model``), by label; a candidate that cannot be fitted
+    (e.g. more mixture components than codes) maps to the exception instead."""
+    out = {}
+    for c in candidates:
+        try:
+            out[c.label] = recovered_model(decoder, likelihood, codes, **c.kwargs)
+        except (ValueError, RuntimeError) as exc:
+            out[c.label] = exc
+    return out
 
 
 def standard_model(decoder, likelihood, latent_dim: int) -> GenerativeModel:

@@ -8,7 +8,7 @@ Monte-Carlo standard error of the mean; quadrature carries ``convergence/<est>``
 With both estimators, ``test_loglik_gap/mog_iwae`` = mixture-IWAE minus quadrature.
 
 MAPA's prior is recovered from its codes first (method.md §6), chosen per run on validation data among the
-``prior_recovery`` candidates (``mapa_exp.evaluation.priors``): the *selector* -- the quadrature where the
+``prior_recovery`` candidates (``mapa_exp.math.prior_choice``): the *selector* -- the quadrature where the
 latent dimension allows it, else the first estimator -- scores every candidate on validation and test data,
 the highest validation log-likelihood wins, and the other estimators score the chosen model only.
 ``eval.json`` keeps every candidate's numbers under ``prior_candidates`` and names the chosen one.
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from mapa_exp.errors import ConfigError
-from mapa_exp.evaluation.estimators import GenerativeModel, standard_model
-from mapa_exp.evaluation.priors import check_prior_recovery, choose, plain_settings, prior_candidates, recovered_models
+from mapa_exp.evaluation.estimators import GenerativeModel, recovered_models, standard_model
+from mapa_exp.math.prior_choice import check_prior_recovery, choose, plain_settings, prior_candidates
 from mapa_exp.evaluation.runs import (
     Run, check_sweep_folder, checkpoint_file, checkpoint_sha256, load_member_weights, read_checkpoint, read_run_files,
 )

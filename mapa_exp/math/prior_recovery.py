@@ -20,7 +20,7 @@ MAPA learns codes but no parametric prior. Two recoveries, both plain classes ho
     into the gaps (0.59 nats of test KL on Clusters at B = 8, 0.04 interpolating).
 
   Which map is best depends on the codes, so none is fixed here: the evaluation fits several and chooses per
-  run on validation data (``mapa_exp.evaluation.priors``). Beyond the extreme codes both maps continue
+  run on validation data (``mapa_exp.math.prior_choice``). Beyond the extreme codes both maps continue
   linearly with the *secant* slope over the outermost ``tail_knots`` pairs (default 10; the gap between the
   two most extreme order statistics has a relative spread of order 1, the secant over k knots about
   1/sqrt(k)), floored at MIN_SLOPE_RATIO of the overall secant. h is strictly increasing, so h⁻¹ is the same

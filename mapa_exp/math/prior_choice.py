@@ -1,11 +1,11 @@
-"""MAPA's prior recovery (method.md §6) as a hyper-parameter chosen per run on validation data.
+"""MAPA's prior recovery (method.md §6) as a hyper-parameter chosen per run on validation data: the candidates.
 
 A run whose method learns codes but no prior (the MAPA family) admits several recovered priors: for latent
 dimension 1 the interpolating copula map (``bins=null``) and smooth maps through B bin means (``bins=B``); for
 more, Gaussian mixtures of C components (``n_components=C``). ``prior_candidates`` lists them from the
 ``prior_recovery`` settings -- a list of values is a set of candidates, one value fixes the map --
-``recovered_models`` fits them, and ``choose`` picks the candidate with the highest validation log-likelihood
-(ties: the first listed; a candidate without a finite score never wins). Test data give only the reported
+``mapa_exp.evaluation.estimators.recovered_models`` fits them, and ``choose`` picks the candidate with the
+highest validation log-likelihood (ties: the first listed; a candidate without a finite score never wins). Test data give only the reported
 number of the chosen candidate; every candidate's validation and test numbers are kept beside it, so a reader
 can see how much the choice decides.
 
@@ -13,6 +13,8 @@ Why a choice and not a default: learned codes are not the truth's Gaussian codes
 a staircase (Clusters, Spiral-Dots) MAPA's codes bunch into tight groups with wide gaps, and a smooth map
 through few bin means spreads prior mass into the gaps (0.59 nats of test KL on Clusters at 8 bins, 0.04 with
 the interpolating map, on the same checkpoints), while on smooth shapes smoothing removes rank noise.
+
+Plain Python (no torch): the command-line check validates the settings with it before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -83,17 +85,3 @@ def choose(val_scores: dict[str, float]) -> str:
         raise ValueError(f"no prior candidate has a finite validation log-likelihood: {val_scores}")
     best = max(finite.values())
     return next(k for k, v in finite.items() if v == best)
-
-
-def recovered_models(decoder, likelihood, codes, candidates: list[PriorCandidate]) -> dict:
-    """Each candidate's recovered generative model (``estimators.recovered_model``), by label; a candidate that
-    cannot be fitted (e.g. more mixture components than codes) maps to the exception instead."""
-    from mapa_exp.evaluation.estimators import recovered_model
-
-    out = {}
-    for c in candidates:
-        try:
-            out[c.label] = recovered_model(decoder, likelihood, codes, **c.kwargs)
-        except (ValueError, RuntimeError) as exc:
-            out[c.label] = exc
-    return out
