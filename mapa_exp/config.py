@@ -421,3 +421,31 @@ def _translate(exc: OmegaConfBaseException, path: str, schema: type, node) -> Co
     if value is None:
         value = OmegaConf.select(node, rel, default=None, throw_on_missing=False) if rel else None
     return ConfigError(key, value, f"must be {_TYPES.get(t, getattr(t, '__name__', 'of another type'))}")
+
+
+# -- a run's configuration, for grouping results -------------------------------------------------------
+# what does not decide what a run trains: how it is computed, logged, stored or evaluated, and which restart
+# and data draw it is (restarts x draws are one configuration's runs)
+NOT_CONFIGURATION = ("hydra", "paths", "logger", "callbacks", "evaluator", "prior_recovery", "evaluate",
+                     "eval_checkpoint", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile", "malloc",
+                     "tags", "num_threads", "seed")
+NOT_CONFIGURATION_KEYS = ("dataset.draw", "dataset.cache_dir", "data.cache_dir", "trainer.enable_progress_bar",
+                          "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.default_root_dir")
+
+
+def run_configuration(config: dict) -> dict:
+    """A run's configuration as flat ``{key: value}``: every key of its resolved config (``config.yaml``) but
+    those of NOT_CONFIGURATION / NOT_CONFIGURATION_KEYS. Two runs belong to one configuration -- restarts or
+    draws of it -- exactly when these are equal; results.json records them and the results table groups by
+    them, whatever keys a method has."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    kept = flat({k: v for k, v in config.items() if k not in NOT_CONFIGURATION})
+    return {k: v for k, v in sorted(kept.items()) if k not in NOT_CONFIGURATION_KEYS}

@@ -322,3 +322,23 @@ def test_committed_report_is_rebuilt_from_the_committed_tables(tmp_path):
     committed = (ROOT / "docs" / "REPORT.md").read_text()
     assert body(out.read_text()) == body(committed)
     assert sum(line.startswith(DATE_PREFIX) for line in committed.splitlines()) == 1
+
+
+def test_configurations_differing_only_in_a_key_the_results_code_never_heard_of_are_never_merged(tmp_path):
+    """Restart, K-fraction and S selection group by the run's whole configuration (results.json), so two
+    configurations that differ in nothing but a new method's own hyper-parameter keep their own best restarts."""
+    from mapa_exp.sweeps.results import best_restarts, choose_on_validation, choose_s
+
+    sweep = tmp_path / "sweep"
+    for i, (temperature, seed, val) in enumerate([(0.5, 0, -1.0), (0.5, 1, -2.0), (2.0, 0, -3.0), (2.0, 1, -4.0)]):
+        configuration = {"dataset.name": "circle", "method.name": "novel", "method.S": 4, "method.temperature": temperature}
+        res = dict(dataset="circle", method="novel", S=4, seed=seed, draw=0, status="completed", val_bound=val,
+                   configuration=configuration)
+        ev = dict(status="completed", metrics={"val_loglik/quadrature": val, "test_kl/quadrature": -val})
+        _run_folder(sweep, f"{i}_novel", res, ev, CFG.format(seed=seed, method="novel"))
+    table = collect([sweep])
+    best = best_restarts(table)
+    assert len(best) == 2  # one best restart per temperature, not one for both
+    assert sorted(best["val_loglik/quadrature"]) == [-3.0, -1.0]
+    assert best["config_id"].nunique() == 2 and best["config_id_s"].nunique() == 2
+    assert len(choose_s(choose_on_validation(table), "val_loglik/quadrature")) == 2

@@ -30,7 +30,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mapa_exp.config import validate
+from mapa_exp.config import run_configuration, validate
 from mapa_exp.errors import ConfigError, check
 from mapa_exp.io import FolderLock, atomic_write_json, atomic_write_text, code_version
 from mapa_exp.runs.allocator import check_malloc, keep_freed_memory
@@ -282,6 +282,7 @@ def _initial_results(m: Member, resume_epoch: int | None, stack_dir: Path | None
         "run_dir": str(m.run_dir),
         "resumed_from_epoch": resume_epoch,
         **code_version(),  # code_commit, code_dirty: the code that trained it (mapa_exp.io.code_version)
+        "configuration": run_configuration(OmegaConf.to_container(m.cfg, resolve=True)),  # what results group by
     }
     if stack_dir is not None:
         out.update(stack_dir=str(stack_dir), stack_size=stack_size)

@@ -22,9 +22,13 @@ Nothing is dropped: a failed (or preempted, or still running) run keeps its rows
 reason, a run that has no numbers gets one row with an empty metric, and a job folder that never wrote
 results.json is a row with status ``missing``.
 
-``best_restarts`` keeps, per configuration, the restart (seed) with the highest validation log-likelihood
-(method.md §7); ``choose_on_validation`` adds the K fraction of the MAPA family, and ``choose_s`` a method's S,
-both on validation data; ``mean_se_over_draws`` averages a metric over the D data draws with its standard
+A configuration is every key of a run's config that decides what it trains (``mapa_exp.config.run_configuration``,
+recorded in results.json; for older runs read from config.yaml), hashed into ``config_id`` -- and, without the
+method's K / K_fraction keys, ``config_id_k``; without those and S, ``config_id_s``: no list of a method's keys
+is kept here, so a new method's hyper-parameter can never merge two configurations. ``best_restarts`` keeps,
+per configuration and draw, the restart (seed) with the highest validation log-likelihood (method.md §7);
+``choose_on_validation`` adds the K fraction of the MAPA family, and ``choose_s`` a method's S, both on
+validation data; ``mean_se_over_draws`` averages a metric over the D data draws with its standard
 error. The plotting scripts and the report read only the table and use these functions: no choice anywhere
 is made on test data.
 """
@@ -41,18 +45,21 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mapa_exp.io import atomic_write_bytes
+from mapa_exp.config import run_configuration
+from mapa_exp.io import atomic_write_bytes, content_key
 
 # identity of a run; "seed" is the restart, "draw" the data draw
 CONFIG_COLUMNS = ["sweep", "experiment", "dataset", "method", "K", "S", "K_fraction", "bandwidth", "draw"]
-RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", "val_every", "eval_checkpoint",
+ID_COLUMNS = ["config_id", "config_id_k", "config_id_s"]  # the configuration; the same up to K; up to S and K
+RUN_COLUMNS = ["run", "run_dir", *CONFIG_COLUMNS[2:], "seed", "n_train", "batch_size", *ID_COLUMNS, "val_every",
+               "eval_checkpoint",
                "prior", "train_commit", "eval_commit"]
 TIDY_COLUMNS = ["sweep", "experiment", *RUN_COLUMNS, "status", "reason", "source", "metric", "value"]
 INT_COLUMNS = ["K", "S", "seed", "draw", "n_train", "batch_size", "val_every"]
 FLOAT_COLUMNS = ["K_fraction", "bandwidth", "value"]
 # results.json keys that identify the run rather than measure it
 IDENTITY_KEYS = {"status", "reason", "dataset", "method", "K", "S", "seed", "draw", "run_dir", "code_commit",
-                 "code_dirty"}
+                 "code_dirty", "configuration"}
 # columns read from the run's resolved config.yaml (results.json does not carry them)
 FROM_CONFIG = {"K_fraction": "method.K_fraction", "bandwidth": "method.bandwidth", "n_train": "dataset.n_train",
                "batch_size": "data.batch_size", "val_every": "trainer.check_val_every_n_epoch"}
@@ -142,7 +149,25 @@ def _run_identity(folder: Path, sweep: Path, results: dict | None) -> dict:
     for column, key in FROM_CONFIG.items():
         ident[column] = _select(cfg, key)
     ident["train_commit"] = recorded_commit(results)
+    configuration = res.get("configuration") or (run_configuration(cfg) if cfg else None)
+    if configuration:
+        ident.update(configuration_ids(configuration))
     return ident
+
+
+CHOICE_LEAVES = {"config_id": (), "config_id_k": ("K", "K_fraction"), "config_id_s": ("K", "K_fraction", "S")}
+
+
+def configuration_ids(configuration: dict) -> dict[str, str]:
+    """The ID_COLUMNS of a run's configuration (``mapa_exp.config.run_configuration``: every key that decides
+    what it trains): a hash of all of it, and of all but the method's keys named K / K_fraction (where the K
+    fraction is chosen), and also S (where S is chosen), at any depth below ``method.``."""
+    out = {}
+    for column, leaves in CHOICE_LEAVES.items():
+        kept = {k: v for k, v in configuration.items()
+                if not (k.startswith("method.") and k.rsplit(".", 1)[-1] in leaves)}
+        out[column] = content_key(kept)[:16]
+    return out
 
 
 def _file_rows(ident: dict, source: str, data: dict, metrics: dict) -> list[dict]:
@@ -295,12 +320,35 @@ def selection_metric(table: pd.DataFrame, candidates: Sequence[str] = SELECT_BY)
     raise KeyError(f"none of the selection metrics {list(candidates)} is in the table")
 
 
-def best_restarts(table: pd.DataFrame, select_by: str | None = None, config: Sequence[str] = CONFIG_COLUMNS) -> pd.DataFrame:
-    """Per configuration (``config`` columns: everything but the seed), the one completed restart with the
-    highest ``select_by`` (default: ``selection_metric``), as a wide table (see ``wide``) with a column
-    ``restarts`` = the number of completed restarts it was chosen from. Ties go to the lowest seed."""
+LEGACY_ID_COLUMNS = {  # what identified a configuration in tables collected before ID_COLUMNS existed
+    "config_id": [c for c in CONFIG_COLUMNS if c != "draw"],
+    "config_id_k": ["experiment", "dataset", "method", "bandwidth", "S"],
+    "config_id_s": ["experiment", "dataset", "method", "bandwidth"],
+}
+
+
+def with_configuration_ids(w: pd.DataFrame) -> pd.DataFrame:
+    """A wide table whose ID_COLUMNS are filled. Where some run was collected without them (a table from before
+    they existed), every run gets ids made of the columns that identified a configuration then
+    (LEGACY_ID_COLUMNS), so that old and new tables group alike and as the old ones did."""
+    w = w.copy()
+    legacy = any(c not in w.columns or w[c].isna().any() for c in ID_COLUMNS)
+    for column, columns in LEGACY_ID_COLUMNS.items():
+        if legacy:
+            keys = w[columns].apply(lambda row: "|".join(str(v) for v in row), axis=1) if len(w) else w[columns[0]]
+            w[column] = keys.map(lambda key: "legacy:" + content_key(key)[:16])
+        w[column] = w[column].astype(str)
+    return w
+
+
+def best_restarts(table: pd.DataFrame, select_by: str | None = None, config: Sequence[str] | None = None
+                  ) -> pd.DataFrame:
+    """Per configuration and draw (default ``config``: the experiment, the run's ``config_id`` -- every key of
+    its config that decides what it trains -- and ``draw``), the one completed restart with the highest
+    ``select_by`` (default: ``selection_metric``), as a wide table (see ``wide``) with a column ``restarts`` =
+    the number of completed restarts it was chosen from. Ties go to the lowest seed."""
     select_by = select_by or selection_metric(table)
-    w = wide(table)
+    w = with_configuration_ids(wide(table))
     if select_by not in w.columns:
         raise KeyError(f"selection metric {select_by!r} is not in the table")
     ok = w["status_train"].eq("completed").fillna(False)
@@ -308,38 +356,36 @@ def best_restarts(table: pd.DataFrame, select_by: str | None = None, config: Seq
     if len(source) and (source == "eval").all():
         ok &= w["status_eval"].eq("completed").fillna(False)
     w = w[ok & w[select_by].notna()].copy()
-    config = list(config)
+    config = list(config or ["experiment", "config_id", "draw"])
     w["restarts"] = w.groupby(config, dropna=False)["run_dir"].transform("size")
     w = w.sort_values([*config, select_by, "seed"], ascending=[True] * len(config) + [False, True], na_position="first")
     return w.drop_duplicates(config, keep="first").reset_index(drop=True)
 
 
-# a configuration up to its restart, draw and K fraction: where the K fraction is chosen
-K_CHOICE_KEYS = ["experiment", "dataset", "method", "bandwidth", "S"]
-
-
 def choose_on_validation(table: pd.DataFrame, select_by: str | None = None) -> pd.DataFrame:
     """The runs a report shows, every choice made on validation data (``select_by``, default
     ``selection_metric``): per configuration and draw the best restart (``best_restarts``); then, where a
-    method was run with several K fractions, per (experiment, dataset, method, bandwidth, S) the fraction
-    whose chosen restarts have the highest mean ``select_by`` over draws. A wide table, one row per
+    method was run with several K fractions, per configuration up to K (``config_id_k``) the fraction whose
+    chosen restarts have the highest mean ``select_by`` over draws. A wide table, one row per
     (configuration, draw), with ``k_fractions`` = how many fractions were compared."""
     select_by = select_by or selection_metric(table)
     best = best_restarts(table, select_by)
-    keys = [k for k in K_CHOICE_KEYS if k in best.columns]
+    keys = ["experiment", "config_id_k"]
     score = best.groupby([*keys, "K_fraction"], dropna=False)[select_by].mean().rename("_score").reset_index()
     score["k_fractions"] = score.groupby(keys, dropna=False)["_score"].transform("size")
     score = score.sort_values([*keys, "_score", "K_fraction"], ascending=[True] * len(keys) + [False, True],
                               na_position="first")
     chosen = score.drop_duplicates(keys, keep="first")[[*keys, "K_fraction", "k_fractions"]]
     out = best.merge(chosen, on=[*keys, "K_fraction"], how="inner")
-    return out.sort_values([*keys, "draw"], na_position="first").reset_index(drop=True)
+    return out.sort_values(["experiment", "dataset", "method", "bandwidth", "S", "draw"],
+                           na_position="first").reset_index(drop=True)
 
 
-def choose_s(chosen: pd.DataFrame, select_by: str, by: Sequence[str] = ("experiment", "dataset", "method", "bandwidth")
-             ) -> pd.DataFrame:
-    """Per ``by``, the S whose (validation-chosen) runs have the highest mean ``select_by`` over draws: those
-    runs, one per draw, with ``S_choices`` = how many values of S were compared."""
+def choose_s(chosen: pd.DataFrame, select_by: str, by: Sequence[str] = ("experiment", "config_id_s")) -> pd.DataFrame:
+    """Per ``by`` (default: the configuration up to S and K), the S whose (validation-chosen) runs have the
+    highest mean ``select_by`` over draws: those runs, one per draw, with ``S_choices`` = how many values of S
+    were compared."""
+    chosen = with_configuration_ids(chosen)
     by = [c for c in by if c in chosen.columns]
     score = chosen.groupby([*by, "S"], dropna=False)[select_by].mean().rename("_score").reset_index()
     score["S_choices"] = score.groupby(by, dropna=False)["_score"].transform("size")
@@ -350,8 +396,9 @@ def choose_s(chosen: pd.DataFrame, select_by: str, by: Sequence[str] = ("experim
 
 def mean_se_over_draws(best: pd.DataFrame, metric: str, by: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean, standard error (sample sd / sqrt(n), NaN for one draw) and n of ``metric`` over draws,
-    per ``by`` (default: the configuration columns without ``draw``), from a ``best_restarts`` table."""
-    by = [c for c in (by or CONFIG_COLUMNS) if c != "draw"]
+    per ``by`` (default: the configuration columns without ``draw``, and its ``config_id``), from a
+    ``best_restarts`` table."""
+    by = [c for c in (by or [*CONFIG_COLUMNS, "config_id"]) if c != "draw"]
     if metric not in best.columns:
         raise KeyError(f"metric {metric!r} is not in the table")
     g = best.dropna(subset=[metric]).groupby(by, dropna=False)[metric]
