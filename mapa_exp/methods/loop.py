@@ -129,6 +129,7 @@ class StackedLoop:
         self.backs = [cb for cb in callbacks if hasattr(cb, "on_after_step_backward")]
         self.every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
         self.steps_done = int(trainer.global_step) if trainer is not None else 0  # optimiser steps, resumes included
+        self._owned: dict[int, list] = {}
         self.new_epoch()
 
     # -- chunks -----------------------------------------------------------------------------
@@ -164,17 +165,19 @@ class StackedLoop:
                  ) -> dict:
         """One step of ``optimizers`` on ``batch``: the chunks' forward and backward passes, the NaN guard, and
         each optimiser's step for the members its mask (E,) allows (None: all). Returns the step's
-        ``{"bound", "enc", "dec", "B", "stepped", "included", "counted", "steps"}``, per member: ``stepped`` the
-        members an optimiser moved, ``included`` those a mask allowed, ``counted`` those of them still active;
-        ``steps`` the number of optimiser steps taken."""
+        ``{"bound", "enc", "dec", "B", "included", "counted", "steps"}``, per member: ``included`` the members a
+        mask allowed (None: all), ``counted`` those of them still active; ``steps`` the number of optimiser steps
+        taken."""
         m, t = self.module, self.timer
         E, dev = m.members, m.device
         masks = list(masks) if masks is not None else [None] * len(optimizers)
-        masks = [torch.ones(E, dtype=torch.bool, device=dev) if k is None else k for k in masks]
-        any_mask = torch.stack(masks).any(0)
+        partial = [k for k in masks if k is not None]
+        # None: every member (the plain scheme's case, kept free of mask arithmetic)
+        any_mask = None if len(partial) < len(masks) else torch.stack(partial).any(0)
         if t:
             t.lap("data")
-        m.zero_grad(set_to_none=True)  # every parameter: a step of some optimisers must not leave others' grads
+        for optimizer in self.optimizers or optimizers:  # every parameter's: a step of some optimisers must not
+            optimizer.zero_grad(set_to_none=True)  # leave the others' gradients to add up
         bound = torch.zeros(E, device=dev)
         loss_ok = torch.ones(E, dtype=torch.bool, device=dev)
         enc = torch.zeros(E, dtype=torch.long, device=dev)
@@ -194,51 +197,57 @@ class StackedLoop:
             dec[mm] += out.passes_decoder
         for cb in self.backs:
             cb.on_after_step_backward(self.trainer, m)
-        stepped = torch.zeros(E, dtype=torch.bool, device=dev)
         for optimizer, mask in zip(optimizers, masks):
             bad_grad = self._finite_gradients(_raw(optimizer))
-            stepped |= self._guarded_step(optimizer, loss_ok & (bad_grad == 0), loss_ok, bad_grad, mask)
+            self._guarded_step(optimizer, loss_ok & (bad_grad == 0), loss_ok, bad_grad, mask)
         if t:
             t.lap("optimizer")
-        counted = m.active & any_mask  # a frozen (failed) or masked member's passes do not count
+        # a frozen (failed) or masked-out member's passes do not count
+        counted = m.active if any_mask is None else m.active & any_mask
         m.passes_encoder_total += enc * counted
         m.passes_decoder_total += dec * counted
         m.train_steps_total += counted
         m.train_points_total += B * counted
         self.steps_done += len(optimizers)  # one per optimiser step, as Lightning's global_step counts them
-        return {"bound": bound, "enc": enc, "dec": dec, "B": B, "stepped": stepped, "included": any_mask,
+        return {"bound": bound, "enc": enc, "dec": dec, "B": B, "included": any_mask,
                 "counted": counted, "steps": len(optimizers)}
 
     def _finite_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """(E,) 0 when every gradient entry of each member is finite for the parameters of ``optimizer``, else
         1 + the index (in ``named_parameters``) of the first parameter whose gradient is not (no device sync)."""
         m = self.module
-        own = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        owned = self._owned.get(id(optimizer))
+        if owned is None:  # (index in the module, parameter) of this optimiser's parameters, found once
+            own = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            owned = self._owned[id(optimizer)] = [(i, p) for i, p in enumerate(m.parameters()) if id(p) in own]
         bad = torch.zeros(m.members, dtype=torch.long, device=m.device)
-        for i, p in enumerate(m.parameters()):
-            if p.grad is not None and id(p) in own:
+        for i, p in owned:
+            if p.grad is not None:
                 bad = torch.where((bad == 0) & ~torch.isfinite(p.grad).flatten(1).all(1), i + 1, bad)
         return bad
 
     def _guarded_step(self, optimizer, ok: torch.Tensor, loss_ok: torch.Tensor, bad_grad: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-        """The optimiser step for the members with ``ok``, in ``mask`` and still active; the others keep their
-        parameters and optimiser state (module doc). Records failures (fail) or skips (skip_batch) of the
-        members in ``mask``. Returns the members it moved."""
+                      mask: torch.Tensor | None) -> None:
+        """The optimiser step for the members with ``ok``, in ``mask`` (None: all) and still active; the others
+        keep their parameters and optimiser state (module doc). Records failures (fail) or skips (skip_batch)
+        of the members in ``mask``. Returns the members it moved."""
         m = self.module
-        keep = ok & m.active & mask
+        keep = ok & m.active if mask is None else ok & m.active & mask
         on_cpu = keep.device.type == "cpu"  # there these reads are free; on a GPU they would sync every step
         if on_cpu and bool(keep.all()):  # the common case
             optimizer.step()
-            return keep
-        m.record_faults(ok | ~mask, loss_ok | ~mask, bad_grad)
+            return
+        if mask is None:
+            m.record_faults(ok, loss_ok, bad_grad)
+        else:
+            m.record_faults(ok | ~mask, loss_ok | ~mask, bad_grad)
         raw = _raw(optimizer)
         params = [p for g in raw.param_groups for p in g["params"] if p.grad is not None]
         if on_cpu and not bool(keep.any()):  # no member steps: without gradients the optimiser leaves every
             for p in params:  # parameter and its state (step counter too) as they are; called all the same, so
                 p.grad = None  # that the trainer's step count stays the number of steps
             optimizer.step()
-            return keep
+            return
         E, state_of = m.members, raw.state
         saved = []
         for p in params:
@@ -254,7 +263,6 @@ class StackedLoop:
                 if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == E:
                     before = per_member.get(name, torch.zeros_like(v)) if had_state else torch.zeros_like(v)
                     v.copy_(torch.where(keep.view(E, *([1] * (v.dim() - 1))), v, before))
-        return keep
 
     # -- epochs -----------------------------------------------------------------------------
     def new_epoch(self) -> None:
@@ -267,13 +275,20 @@ class StackedLoop:
         """Add a step's numbers (``optimize``'s) to the epoch's means of the members it included, and emit the
         step's metrics whenever the step count passes a multiple of ``log_every_n_steps``."""
         m, acc = self.module, self.acc
-        included = stats["included"].double()
-        B = stats["B"]
-        acc["bound"] += stats["bound"].double() * B * included
-        acc["points"] += B * included
-        acc["enc"] += stats["enc"] * included
-        acc["dec"] += stats["dec"] * included
-        acc["steps"] += included
+        B, included = stats["B"], stats["included"]
+        if included is None:  # every member
+            acc["bound"] += stats["bound"].double() * B
+            acc["points"] += B
+            acc["enc"] += stats["enc"]
+            acc["dec"] += stats["dec"]
+            acc["steps"] += 1
+        else:
+            included = included.double()
+            acc["bound"] += stats["bound"].double() * B * included
+            acc["points"] += B * included
+            acc["enc"] += stats["enc"] * included
+            acc["dec"] += stats["dec"] * included
+            acc["steps"] += included
         if self.steps_done // self.every > (self.steps_done - stats["steps"]) // self.every:
             self.emit({"train/bound_step": stats["bound"], **pass_metrics("train", stats, "_step"),
                        "train/passes_encoder_total": m.passes_encoder_total,
