@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+import mapa_exp.config  # noqa: F401  the configs' resolvers (${mapa_cwd:}, ...), before Hydra composes
 from mapa_exp.evaluation.posteriors import choose_points, curves_table, posterior_curves, trend_slope
 from mapa_exp.io import atomic_write_json, atomic_write_text
 from mapa_exp.sweeps.plots import posterior_trends_figure, save

@@ -200,3 +200,20 @@ def test_bench_sweep_groups_the_restarts_and_draws_of_a_configuration():
     assert {o for o in jobs[0] if not o.startswith(("seed=", "dataset.draw="))} == \
         {o for o in jobs[24] if not o.startswith(("seed=", "dataset.draw="))}
     assert bench.restarts_per_configuration(bench.sweep_jobs("paper_density_smoke", [])) == 4
+
+
+def test_posterior_trends_script_writes_only_its_figure_and_tables(tmp_path, cache_dir):
+    """The figure script from the command line (it once failed before composing: the configs' resolvers were not
+    registered): its three outputs, a finite trend slope, and no folder of Hydra's own in the working directory."""
+    env = {**os.environ, "MAPA_EXP_CACHE": str(cache_dir), "MPLBACKEND": "Agg"}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "posterior_trends.py"), "dataset=figure8",
+                        "dataset.n_train=200", "dataset.n_val=50", "dataset.n_test=50", "n_points=2", "J=200",
+                        f"out_dir={tmp_path / 'figs'}"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "figs").iterdir()) == [
+        f"posterior_trends_figure8.{e}" for e in ("csv", "json", "png")]
+    slope = json.loads((tmp_path / "figs" / "posterior_trends_figure8.json").read_text())
+    assert math.isfinite(slope["slope"]) and slope["n"] > 0 and len(slope["points"]) == 2
+    assert list(work.iterdir()) == []

@@ -38,6 +38,10 @@ def test_every_method_trains_on_every_dataset(dataset, method, tmp_path, cache_d
         assert 1 <= res["passes_per_point_decoder"] <= cfg.method.K + cfg.method.S
         assert res["passes_encoder_total"] == res["passes_decoder_total"]
     saved = json.loads((run_dir / "results.json").read_text())
+    # the run's configuration (flat, for grouping) is recorded beside the numbers, as composed
+    configuration = saved.pop("configuration")
+    assert configuration == res.pop("configuration")
+    assert configuration["method.S"] == cfg.method.S and "seed" not in configuration
     assert saved == pytest.approx(res)
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "config.yaml").exists()

@@ -3,12 +3,16 @@
 #
 #   bash docs/results/runs.sh <part> [commit]      # part: density | draws34 | bandwidth | aggressive | list
 #   bash docs/results/runs.sh evaluate <part> <evaluation commit> [training commit]
+#   bash docs/results/runs.sh chain <part> <commit>  # data set by data set: train, then evaluate (same commit)
+#
+# DATASETS="clusters spiral" restricts a command to those data sets (default: all five, in the order below).
 #
 # Each sweep has a fixed folder under $RUNS (default /work/runs/<commit>), so the same command resumes: completed
 # members are skipped, unfinished ones resume from their checkpoints. Two sweeps run at a time (one per core),
 # each one job after the other (stacked: a configuration's restarts x draws train as one model). Training only
 # (evaluate=false): the evaluation runs afterwards, from the evaluation commit, with `evaluate.py sweep=`.
 set -euo pipefail
+datasets=${DATASETS:-clusters spiral figure8 circle absolute_value}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 PAR=${PAR:-2}
 
@@ -21,13 +25,22 @@ tree_of() {  # a worktree of the commit, with its own environment (its package, 
   echo "$tree"
 }
 
+if [ "${1:-}" = chain ]; then  # one data set after the other: its sweeps, then its evaluation
+  part=${2:?usage: runs.sh chain <part> <commit>}; commit=${3:?the commit}
+  for ds in $datasets; do
+    DATASETS=$ds bash "$0" "$part" "$commit"
+    DATASETS=$ds bash "$0" evaluate "$part" "$commit" "$commit"
+  done
+  exit 0
+fi
+
 if [ "${1:-}" = evaluate ]; then  # score every run of a part's sweeps (exact quadrature), resumable
   part=${2:?usage: runs.sh evaluate <part> <evaluation commit> [training commit]}
   etree=$(tree_of "${3:?the evaluation commit}")
   RUNS=${RUNS:-/work/runs/${4:-7359012}}
   cd "$etree" && . .venv/bin/activate
   export MAPA_EXP_OUTPUTS=$RUNS/outputs WANDB_MODE=offline MPLBACKEND=Agg
-  ls -d "$RUNS/$part"/*/ | xargs -P "$PAR" -I{} bash -c \
+  for ds in $datasets; do ls -d "$RUNS/$part/${ds}_"*/ 2>/dev/null || true; done | xargs -r -P "$PAR" -I{} bash -c \
     'python evaluate.py sweep={} evaluator=quadrature >> {}.eval.log 2>&1; echo "$(date -u +%FT%TZ) evaluated {} rc=$?" >> '"$RUNS/$part"'/progress.log'
   exit 0
 fi
@@ -36,17 +49,17 @@ part=${1:?usage: runs.sh <part> [commit]}
 commit=${2:-7359012}
 RUNS=${RUNS:-/work/runs/$commit}
 
-datasets="clusters spiral figure8 circle absolute_value"
 mapa_family="mapa mapa_gt mapa_naive"
 seeds="'seed=range(3)'"
 
 commands() {
   local ds m
   case "$1" in
-    density)    # part 1: the MAPA family, both K fractions, S in {1, 10, 50}, R = D = 3 (draws 0-2)
-      for ds in $datasets; do for m in $mapa_family; do
-        echo "$ds/$m experiment=paper_density dataset=$ds method=$m method.K_fraction=0.1,0.5 method.S=1,10,50 $seeds 'dataset.draw=range(3)'"
-      done; done ;;
+    density)    # part 1: the MAPA family, both K fractions, S in {1, 10, 50}, R = D = 3 (draws 0-2); a sweep
+                # per K fraction (three stacks), so that the two lanes stay busy to a data set's end
+      for ds in $datasets; do for m in $mapa_family; do for kf in 0.1 0.5; do
+        echo "$ds/$m/k$kf experiment=paper_density dataset=$ds method=$m method.K_fraction=$kf method.S=1,10,50 $seeds 'dataset.draw=range(3)'"
+      done; done; done ;;
     draws34)    # part 2: draws 3 and 4 of every method (D = 5 with part 1 and the committed VAE/IWAE draws 0-2)
       for ds in $datasets; do
         for m in $mapa_family; do
