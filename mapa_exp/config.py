@@ -166,6 +166,9 @@ class MogIwaeConf:
     lr: float = 3e-3
     estimator: str = "stl"
     seed: int = 0
+    check_every: int = 100
+    patience: int = 3
+    min_delta: float = 1e-3
 
 
 @dataclass

@@ -34,6 +34,12 @@ whatever gradient trained q. (DReG has no simple form here: the samples come fro
 weights divide by the mixture q.) Training uses Adam with cosine decay from ``lr`` to ``lr_final``
 and feeds the MLP standardised inputs.
 
+**Early stopping.** Given held-out points ``x_stop`` (the evaluation passes the validation split), the fit
+scores the S_train bound on them every ``check_every`` steps, with the same samples each time (a generator
+reseeded at every check: common random numbers, so two checks differ by q alone), keeps the best q and stops
+when ``patience`` checks in a row gained less than ``min_delta`` nats per point; ``steps`` is then a maximum.
+Stopping only chooses which q is used: any q gives a valid bound.
+
 **Monte-Carlo standard error** (returned beside each estimate): the delta method on the
 stratified estimator, SE(log p̂) ≈ sqrt(Var p̂) / p̂ with Var p̂ = Σ_c π_c² s_c² / S_c and s_c²
 the unbiased sample variance of w_cs within component c, all in log space. Like any
@@ -48,6 +54,7 @@ module's ``.grad`` fields are never written).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -57,6 +64,7 @@ from torch import nn
 from mapa_exp.io import progress
 from mapa_exp.math.bounds import iwae_bound, log_normal_diag, log_normal_std
 
+log = logging.getLogger(__name__)
 ESTIMATORS = ("stl", "standard")
 Decode = Callable[[torch.Tensor], torch.Tensor]
 LogPrior = Callable[[torch.Tensor], torch.Tensor]
@@ -95,7 +103,9 @@ class MixtureEncoder(nn.Module):
 
 class MogIwaeFit(NamedTuple):
     q_net: MixtureEncoder
-    train_bound: torch.Tensor  # (steps,) minibatch mean of the S_train bound, nats per point
+    train_bound: torch.Tensor  # (steps taken,) minibatch mean of the S_train bound, nats per point
+    stop_bound: torch.Tensor | None = None  # (checks,) the S_train bound on x_stop at each check, nats per point
+    best_step: int | None = None  # the step whose q is returned (early stopping), None without x_stop
 
 
 class MogIwaeEstimate(NamedTuple):
@@ -161,14 +171,22 @@ def fit_mog_iwae(
     log_prior: LogPrior = log_normal_std,
     estimator: str = "stl",
     q_net: MixtureEncoder | None = None,
+    x_stop: torch.Tensor | None = None,
+    check_every: int = 100,
+    patience: int = 3,
+    min_delta: float = 1e-3,
+    max_stop_points: int = 500,
 ) -> MogIwaeFit:
     """Fit q by Adam on the stratified IWAE_{S_train} bound over minibatches of x_train (N, Dx).
 
-    ``steps`` Adam updates (an epoch is N / batch_size of them); pass ``q_net`` to continue
-    training one. The decoder and prior stay fixed.
+    At most ``steps`` Adam updates (an epoch is N / batch_size of them); with ``x_stop`` (M, Dx; its first
+    ``max_stop_points`` rows are used) training stops early (module docstring) and returns the best q. Pass
+    ``q_net`` to continue training one. The decoder and prior stay fixed.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"evaluator.estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if x_stop is not None and (check_every < 1 or patience < 1):
+        raise ValueError(f"evaluator.check_every={check_every} and evaluator.patience={patience} must be >= 1")
     device, dtype = x_train.device, x_train.dtype
     if q_net is None:
         with torch.random.fork_rng(devices=[]):
@@ -184,7 +202,10 @@ def fit_mog_iwae(
     N = x_train.shape[0]
     order, pos = torch.randperm(N, generator=gen, device=device), 0
     history = torch.empty(steps, dtype=torch.float64)
-    for step in progress(range(steps), f"fitting the mixture IWAE's q ({steps} steps)"):
+    stopper = _EarlyStop(x_stop[:max_stop_points], check_every, patience, min_delta, seed, S_c, decode, likelihood,
+                         log_prior) if x_stop is not None else None
+    step = -1
+    for step in progress(range(steps), f"fitting the mixture IWAE's q (at most {steps} steps)"):
         if pos + batch_size > N and pos > 0:
             order, pos = torch.randperm(N, generator=gen, device=device), 0
         xb = x_train[order[pos : pos + batch_size]]  # (B, Dx)
@@ -199,7 +220,54 @@ def fit_mog_iwae(
         opt.step()
         sched.step()
         history[step] = bound.detach()
-    return MogIwaeFit(q_net.eval(), history)
+        if stopper is not None and stopper.check(step + 1, q_net, last=step + 1 == steps):
+            break
+    if stopper is None:
+        return MogIwaeFit(q_net.eval(), history[: step + 1])
+    q_net.load_state_dict(stopper.best_state)
+    return MogIwaeFit(q_net.eval(), history[: step + 1], torch.tensor(stopper.history, dtype=torch.float64),
+                      stopper.best_step)
+
+
+class _EarlyStop:
+    """The S_train bound on fixed held-out points with fixed samples, every ``check_every`` steps; the best q."""
+
+    def __init__(self, x, check_every, patience, min_delta, seed, S_c, decode, likelihood, log_prior):
+        self.x, self.every, self.patience, self.min_delta = x, int(check_every), int(patience), float(min_delta)
+        self.seed, self.S_c, self.decode, self.likelihood, self.log_prior = seed, S_c, decode, likelihood, log_prior
+        self.history: list[float] = []
+        self.best, self.best_step, self.best_state, self.stale = -math.inf, 0, None, 0
+
+    @torch.no_grad()
+    def bound(self, q_net) -> float:
+        gen = torch.Generator(device=self.x.device).manual_seed(self.seed + 1)  # the same samples at every check
+        total = 0.0
+        for start in range(0, self.x.shape[0], 100):
+            xb = self.x[start : start + 100]
+            log_pi, mean, logvar = q_net(xb)
+            r = component_log_ratios(xb, log_pi, mean, logvar, self.decode, self.likelihood, self.S_c, gen,
+                                     self.log_prior)
+            total += float(iwae_bound(stratified_log_weights(log_pi, r)).double().sum())
+        return total / self.x.shape[0]
+
+    def check(self, step: int, q_net, last: bool) -> bool:
+        """Score q after ``step`` updates (every ``check_every`` and at the last); True: stop now."""
+        if step % self.every and not last:
+            return False
+        value = self.bound(q_net)
+        self.history.append(value)
+        if value > self.best + self.min_delta or self.best_state is None:
+            self.stale = 0
+        else:
+            self.stale += 1
+        if value > self.best:
+            self.best, self.best_step = value, step
+            self.best_state = {k: v.detach().clone() for k, v in q_net.state_dict().items()}
+        stop = self.stale >= self.patience
+        log.info("mixture IWAE fit: step %d, held-out bound %.4f nats per point (best %.4f at step %d)%s", step,
+                 value, self.best, self.best_step, "; stopping: no gain of %g in %d checks" % (
+                     self.min_delta, self.patience) if stop else "")
+        return stop
 
 
 @torch.no_grad()
