@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from mapa_exp.config import ROOT, validate
+from mapa_exp.config import compose, validate
 from mapa_exp.errors import ConfigError, check
 
 
@@ -47,8 +47,6 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
 
 
 def _check(config_name: str, argv: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -84,17 +82,12 @@ def _check(config_name: str, argv: list[str]) -> None:
                 continue
             text = f"{ov.get_key_element()}={values[0]}"
         first_job.append(text)
-    GlobalHydra.instance().clear()
     if config_dir:
         first_job.append(f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]")
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            try:
-                cfg = compose(config_name, overrides=first_job, return_hydra_config=config_name == "train")
-            except Exception as exc:  # noqa: BLE001 -- composition errors come in many types
-                raise _composition_error(exc, config_name, first_job, compose) from None
-    finally:
-        GlobalHydra.instance().clear()
+        cfg = compose(config_name, first_job, return_hydra_config=config_name == "train")
+    except Exception as exc:  # noqa: BLE001 -- composition errors come in many types
+        raise _composition_error(exc, config_name, first_job) from None
     validate(cfg)
     if config_name == "train":
         _check_train_job(cfg, any(a in ("-m", "--multirun") for a in argv), argv)
@@ -186,7 +179,7 @@ def _value(override: str):
         return override.partition("=")[2]
 
 
-def _composition_error(exc: Exception, config_name: str, overrides: list[str], compose) -> ConfigError:
+def _composition_error(exc: Exception, config_name: str, overrides: list[str]) -> ConfigError:
     """One line for a Hydra composition error: the override, and the option or key it should have been."""
     msg = " ".join(str(exc).split())
     cause = exc.__cause__ or exc.__context__

@@ -429,6 +429,22 @@ def _translate(exc: OmegaConfBaseException, path: str, schema: type, node) -> Co
 # -- a run's configuration, for grouping results -------------------------------------------------------
 # what does not decide what a run trains: how it is computed, logged, stored or evaluated, and which restart
 # and data draw it is (restarts x draws are one configuration's runs)
+def compose(config_name: str = "train", overrides=(), return_hydra_config: bool = False) -> DictConfig:
+    """The config that ``python <config_name>.py <overrides>`` composes from the repository's ``conf/``, outside
+    ``@hydra.main`` (checks, benchmarks, tests): the one place that initialises Hydra for that; its global state is
+    clear before and after."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 NOT_CONFIGURATION = ("hydra", "paths", "logger", "callbacks", "evaluator", "prior_recovery", "evaluate",
                      "eval_checkpoint", "stack", "stack_members", "stack_subdir", "chunk_rows", "compile", "malloc",
                      "tags", "num_threads", "seed")

@@ -43,14 +43,12 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=null", "hydra.launche
 
 def sweep_jobs(experiment: str, extra: list[str]) -> list[list[str]]:
     """The sweep's jobs (override lists), as Hydra's basic sweeper makes them."""
-    from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    import mapa_exp.config  # noqa: F401  resolvers
+    from mapa_exp.config import compose
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", *extra], return_hydra_config=True)
+    cfg = compose("train", [f"experiment={experiment}", *extra], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]

@@ -52,19 +52,13 @@ def decoder_hidden(label: str) -> list[int]:
 
 
 def compose(dataset: str, method: str, S: int, K: int | None, decoder: str, seed: int, extra: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import mapa_exp.config  # noqa: F401 -- the resolvers
+    from mapa_exp.config import compose as compose_config
 
     overrides = [f"dataset={dataset}", f"method={method}", f"method.S={S}", f"seed={seed}",
                  f"net.decoder.hidden=[{','.join(map(str, decoder_hidden(decoder)))}]", *extra]
     if K is not None:
         overrides.append(f"method.K={K}")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 class Candidate:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-import mapa_exp.config  # noqa: F401,E402  registers the config resolvers (${mapa_k:...}) and schemas before any compose
+from mapa_exp.config import compose  # the one compose helper (it also registers the resolvers and schemas)
 
 torch.set_num_threads(1)  # as training does: these networks are tiny, and the machine is shared
 
@@ -46,9 +45,7 @@ FAST = [
 
 def compose_cfg(overrides: list[str], run_dir: Path, cache_dir: Path, config_name: str = "train"):
     """A fully composed config with hydra's runtime fields set, as ``@hydra.main`` would see it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    cfg = compose(config_name, overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.hydra.runtime.cwd = str(ROOT)

@@ -4,6 +4,7 @@ its runs did, the figures' styles, and a user's own sweep reported without touch
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -296,8 +297,6 @@ def test_a_table_without_test_kl_is_refused_by_the_density_figure_and_reported_a
 
 # -- layering -------------------------------------------------------------------------------------
 def _imported_modules(path) -> set[str]:
-    import ast
-
     tree = ast.parse(path.read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
@@ -313,3 +312,20 @@ def test_reporting_imports_only_the_sweeps_and_io_layers_and_scripts_do_not_edit
         assert "sys.path" not in path.read_text(), path.name
     for name in ("report.py", "plot_density.py", "plot_passes.py"):
         assert len((ROOT / "scripts" / name).read_text().splitlines()) <= 120, name
+
+
+def test_one_compose_helper_initialises_hydra_outside_hydra_main():
+    # mapa_exp.config.compose is the one place that initialises Hydra on the repository's conf/ (checks,
+    # benchmarks, tests); no other module or script calls Hydra's initialisers or its compose
+    helper = ROOT / "mapa_exp" / "config.py"
+    files = [*(ROOT / "mapa_exp").rglob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").rglob("*.py"),
+             ROOT / "train.py", ROOT / "evaluate.py"]
+    users = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "hydra":
+                if {a.name for a in node.names} & {"compose", "initialize", "initialize_config_dir",
+                                                   "initialize_config_module"}:
+                    users.append(path.relative_to(ROOT).as_posix())
+    assert sorted(set(users)) == [helper.relative_to(ROOT).as_posix()], users
