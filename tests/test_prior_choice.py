@@ -26,9 +26,11 @@ CENTERS = torch.arange(C, dtype=F64) - (C - 1) / 2
 
 
 def default_settings() -> dict:
-    """The prior recovery a user gets: conf/evaluate.yaml's (train.yaml's evaluate=true uses the same)."""
-    ev = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "evaluate.yaml").prior_recovery)
-    tr = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train.yaml").prior_recovery)
+    """The prior recovery a user gets: what evaluate.py and train.py (evaluate=true) compose, one file."""
+    from mapa_exp.config import compose
+
+    ev = OmegaConf.to_container(compose("evaluate").prior_recovery)
+    tr = OmegaConf.to_container(compose("train").prior_recovery)
     assert ev == tr == plain_settings({})  # the Python API's defaults are the configs'
     return ev
 
