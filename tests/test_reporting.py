@@ -16,6 +16,7 @@ import pytest
 from mapa_exp.reporting import read_tables, report_sections, report_text, write_report
 from mapa_exp.reporting.claims import claims_under_prior_rules, verdict_changes
 from mapa_exp.reporting.priors import candidate_labels, table_under_prior
+from mapa_exp.reporting.sections import training_time_section
 from mapa_exp.sweeps.results import tidy_frame, write_table
 from tests.conftest import ROOT, script_env
 
@@ -329,3 +330,21 @@ def test_one_compose_helper_initialises_hydra_outside_hydra_main():
                                                    "initialize_config_module"}:
                     users.append(path.relative_to(ROOT).as_posix())
     assert sorted(set(users)) == [helper.relative_to(ROOT).as_posix()], users
+
+
+def test_training_time_is_a_stacks_time_over_its_members_against_the_vaes():
+    rows = []
+    for draw in range(2):
+        for method, wall, size in (("vae", 90.0, 9), ("aggressive", 270.0, 9), ("mapa", 60.0, 3)):
+            for r in run_rows(method, 0, draw, -1.0, 0.1, S=10):
+                rows.append(r)
+            base = {k: v for k, v in rows[-1].items() if k not in ("metric", "value", "source")}
+            rows += [dict(base, source="train", metric="wall_time_s", value=wall + 9 * draw),
+                     dict(base, source="train", metric="stack_size", value=size)]
+    section = training_time_section(tidy_frame(rows))
+    agg = section.tables["training_time"].set_index("method")
+    assert agg.loc["vae", "time_per_run_s"] == pytest.approx((90 / 9 + 99 / 9) / 2)  # 10.5 s
+    assert agg.loc["aggressive", "time_per_run_s"] == pytest.approx((270 / 9 + 279 / 9) / 2)  # 30.5 s
+    assert agg.loc["aggressive", "vs_vae"] == pytest.approx(30.5 / 10.5)
+    assert agg.loc["mapa", "time_per_run_s"] == pytest.approx((20 + 23) / 2)
+    assert "| aggressive | 30 (x2.90) |" in section.markdown

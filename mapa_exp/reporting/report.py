@@ -31,6 +31,7 @@ from mapa_exp.reporting.sections import (
     scale_section,
     selection_section,
     sensitivity_section,
+    training_time_section,
 )
 from mapa_exp.reporting.summaries import density_choice, density_rows, passes_summary
 from mapa_exp.sweeps.results import SELECT_BY, TIDY_COLUMNS, read_table, selection_metric, tidy_frame
@@ -80,7 +81,7 @@ def report_sections(tables: Mapping[str, pd.DataFrame], generated: datetime, fig
                 scale_section(plain), selection_section(table, select_by), runs_section(table), code_section(tables),
                 density_section(choice, figure_link), claims_section(choice, passes),
                 sensitivity_section(table, by_rule), evaluators, bandwidth_section(plain, select_by),
-                bounds_section(plain), passes_section(passes, figure_link),
+                bounds_section(plain), passes_section(passes, figure_link), training_time_section(plain),
                 differences_section(table, choice, evaluators is not None)]
     return [s for s in sections if s is not None]
 
