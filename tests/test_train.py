@@ -192,3 +192,26 @@ def test_a_method_defined_outside_the_package_trains_and_evaluates_through_the_c
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((run_dir / "eval.json").read_text())["metrics"]["test_kl/quadrature"] > 0
+
+
+@pytest.mark.parametrize("method", ["mapa", "mapa_gt", "mapa_naive"])
+def test_the_posterior_picture_gets_each_mapa_methods_own_q(method, tmp_path, cache_dir):
+    # the W&B posterior picture draws the method's q(m | x) over the training points: a distribution over m for
+    # every method of the family, and for MAPA the kernel softmax of Eq 8 computed here by hand
+    import torch
+
+    from mapa_exp.runs.training import build
+
+    cfg = compose_cfg(["dataset=figure8", f"method={method}", *FAST], tmp_path / "run", cache_dir)
+    data, module = build(cfg)
+    data.setup("evaluate")
+    x = data.x["test"][:3]
+    q = module.proposal_density(x, 0, data)
+    assert q["kind"] == "points" and q["log_density"].shape == (3, data.x["train"].shape[0])
+    assert torch.allclose(q["log_density"].double().exp().sum(1), torch.ones(3, dtype=torch.float64), atol=1e-5)
+    if method == "mapa":
+        d2 = ((x[:, None, :].double() - data.x["train"][None].double()) ** 2).sum(-1)
+        expected = torch.log_softmax(-d2 / (2 * 0.01), dim=1)  # bandwidth h = sigma^2 = 0.01
+        assert torch.allclose(q["log_density"].double(), expected, atol=1e-3)
+    if method == "mapa_naive":
+        assert torch.allclose(q["log_density"].double().exp(), torch.full((3, 200), 1 / 200, dtype=torch.float64))

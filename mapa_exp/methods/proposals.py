@@ -90,7 +90,8 @@ class KernelProposal(Proposal):
     def log_q_of(self, ctx, x):
         from mapa_exp.data.proximity import nearest_neighbors
 
-        idx, dist = nearest_neighbors(ctx.x["train"], x, metric=ctx.likelihood.metric)  # (n, N), sorted
+        idx, dist = nearest_neighbors(ctx.x["train"], x, metric=ctx.likelihood.metric)  # (n, N), sorted (numpy)
+        idx, dist = torch.from_numpy(idx), torch.from_numpy(dist).to(torch.get_default_dtype())
         log_q = log_softmax_rows(ctx.likelihood.log_kernel(dist, bandwidth=self.bandwidth, rho=self.rho))
         return torch.empty_like(log_q).scatter_(1, idx, log_q)
 
