@@ -420,7 +420,7 @@ def bounds_section(table: pd.DataFrame) -> Section | None:
 
 def training_time_section(table: pd.DataFrame) -> Section | None:
     """Wall-clock training time per run (a stack's time split over its members) per data set, method and S, and
-    each method's time against the VAE's at the same S: what iterative schemes (``aggressive``) cost."""
+    each method's time against the VAE's at the same S: what an iterative training scheme costs."""
     runs = completed_runs(density_rows(table), ["wall_time_s", "stack_size"])
     if runs.empty or "wall_time_s" not in runs or runs["wall_time_s"].isna().all():
         return None
