@@ -169,6 +169,7 @@ class MogIwaeConf:
     check_every: int = 100
     patience: int = 3
     min_delta: float = 1e-3
+    min_steps: int = 1000
 
 
 @dataclass
