@@ -46,8 +46,9 @@ def markdown(data: dict) -> str:
     lines = [f"`scripts/bench_mog_iwae.py`, {m['date']}, {m['machine']}, torch {m['torch']}; "
              f"{len(rows)} trained runs (the report's two-evaluator subset: seed 0, draw 0, paper_density). "
              f"Load average when it started: {m['load_average']}. Reference: q fitted for all 2,000 steps; "
-             "early: the default, stopping on the validation split (checks every 100 steps, from step 1,000 on after 3 "
-             "checks without a gain of 0.001 nats). Gap: test log-likelihood minus the exact quadrature's, nats per point.", "",
+             "early: the default, stopping on the validation split (checks every 100 steps, from step 1,000 on after "
+             "3 checks without a gain of 0.001 nats). Gap: test log-likelihood minus the exact quadrature's, nats "
+             "per point.", "",
              "| dataset | method | S | K | reference (s) | steps | gap | early (s) | steps | gap | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

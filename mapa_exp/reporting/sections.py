@@ -430,14 +430,16 @@ def training_time_section(table: pd.DataFrame) -> Section | None:
     agg = (runs.groupby(["dataset", "method", "S"], dropna=False)["time_per_run_s"].agg(["mean", "size"])
            .rename(columns={"mean": "time_per_run_s", "size": "runs"}).reset_index())
     vae = agg[agg["method"] == "vae"].set_index(["dataset", "S"])["time_per_run_s"]
-    agg["vs_vae"] = [t / vae.get((d, S), float("nan")) for d, S, t in zip(agg["dataset"], agg["S"], agg["time_per_run_s"])]
+    agg["vs_vae"] = [t / vae.get((d, S), float("nan"))
+                     for d, S, t in zip(agg["dataset"], agg["S"], agg["time_per_run_s"])]
     out = ["## Training time", "",
-           "Wall-clock seconds per run (a stack's time divided by its members; the shared 2-core machine ran two to four "
-           "stacks at a time, so compare within a table), "
-           "mean over the runs of each cell; in brackets, the ratio to the VAE's at the same S.", ""]
+           "Wall-clock seconds per run (a stack's time divided by its members; the shared 2-core machine ran two to "
+           "four stacks at a time, so compare within a table), mean over the runs of each cell; in brackets, the "
+           "ratio to the VAE's at the same S.", ""]
     for ds in sorted(agg["dataset"].unique()):
         d = agg[agg["dataset"] == ds].copy()
-        d["cell"] = [f"{t:.0f}" + ("" if pd.isna(r) else f" (x{r:.2f})") for t, r in zip(d["time_per_run_s"], d["vs_vae"])]
+        d["cell"] = [f"{t:.0f}" + ("" if pd.isna(r) else f" (x{r:.2f})")
+                     for t, r in zip(d["time_per_run_s"], d["vs_vae"])]
         p = _s_columns(d.pivot_table(index="method", columns="S", values="cell", aggfunc="first"))
         p = p.loc[sorted(p.index, key=method_sort_key)]
         out += [f"### {ds}", "", markdown_table(p.reset_index().fillna("–")), ""]
