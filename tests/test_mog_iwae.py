@@ -143,16 +143,17 @@ def test_fit_is_deterministic_and_leaves_global_rng_alone():
 
 
 def test_early_stopping_keeps_the_best_checked_q_and_stops_on_a_plateau():
-    # figure-8 truth, q fitted with held-out points: the fit stops before its maximum once the held-out bound
-    # stalls, returns the q of the best check, and that q still scores
-    # the held-out points within 0.01 nats of the exact (quadrature) log p(x)
+    # figure-8 truth, q fitted with held-out points: checks start at min_steps, the fit stops before its maximum
+    # once the held-out bound stalls, returns the q of the best check, and that q still scores the held-out
+    # points within 0.01 nats of the exact (quadrature) log p(x)
     x = sample_x(figure8, 1, 400, seed=13).float()
     x_fit, x_stop = x[:300], x[300:]
     fit = fit_mog_iwae(x_fit, figure8, LIK, 1, steps=3000, seed=0, x_stop=x_stop, check_every=50, patience=3,
-                       min_delta=1e-3)
+                       min_delta=1e-3, min_steps=500)
     checks = fit.stop_bound
-    assert fit.train_bound.shape[0] < 3000 and fit.train_bound.shape[0] == 50 * checks.shape[0]
-    assert fit.best_step == 50 * (int(checks.argmax()) + 1)
+    steps = fit.train_bound.shape[0]
+    assert 500 + 50 * 3 <= steps < 3000 and steps == 500 + 50 * (checks.shape[0] - 1)  # the first check at 500
+    assert fit.best_step == 500 + 50 * int(checks.argmax())
     # the rule, checked from the recorded history: the last `patience` checks gained < min_delta on the best before
     assert float(checks[-3:].max()) < float(checks[:-3].max()) + 1e-3
     est = mog_iwae_log_likelihood(x_stop, fit.q_net, figure8, LIK, S_eval=1000, seed=0)
