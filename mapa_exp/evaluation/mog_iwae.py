@@ -260,6 +260,8 @@ class _EarlyStop:
     def check(self, step: int, q_net, last: bool) -> bool:
         """Score q after ``step`` updates (every ``check_every`` and at the last); True: stop now."""
         if (step % self.every or step < self.min_steps) and not last:
+            if step % self.every == 0:  # a line in the log while it runs (a bar on a terminal, too)
+                log.info("mixture IWAE fit: step %d (held-out checks from step %d)", step, self.min_steps)
             return False  # q is scored from min_steps on only: earlier held-out bounds mislead (module doc)
         value = self.bound(q_net)
         self.history.append(value)
