@@ -16,7 +16,7 @@ import pytest
 from mapa_exp.reporting import read_tables, report_sections, report_text, write_report
 from mapa_exp.reporting.claims import claims_under_prior_rules, verdict_changes
 from mapa_exp.reporting.priors import candidate_labels, table_under_prior
-from mapa_exp.reporting.sections import training_time_section
+from mapa_exp.reporting.sections import evaluators_section, training_time_section
 from mapa_exp.sweeps.results import tidy_frame, write_table
 from tests.conftest import ROOT, script_env
 
@@ -348,3 +348,18 @@ def test_training_time_is_a_stacks_time_over_its_members_against_the_vaes():
     assert agg.loc["aggressive", "vs_vae"] == pytest.approx(30.5 / 10.5)
     assert agg.loc["mapa", "time_per_run_s"] == pytest.approx((20 + 23) / 2)
     assert "| aggressive | 30 (x2.90) |" in section.markdown
+
+
+def test_the_evaluators_section_counts_runs_with_and_without_a_recorded_gap():
+    # one run whose eval.json records the gap, one scored by the two evaluators in separate passes (older tables)
+    rows = run_rows("mapa", 0, 0, -1.0, 0.1)
+    base = {k: v for k, v in rows[-1].items() if k not in ("metric", "value", "source")}
+    rows.append(dict(base, source="eval", metric="test_loglik_gap/mog_iwae", value=-0.004))
+    older = run_rows("iwae", 0, 0, -1.0, 0.1)
+    base = {k: v for k, v in older[-1].items() if k not in ("metric", "value", "source")}
+    older += [dict(base, source="eval", metric="test_loglik/mog_iwae", value=-1.502),
+              dict(base, source="eval", metric="test_loglik/quadrature", value=-1.500)]
+    section = evaluators_section(tidy_frame(rows + older))
+    gaps = section.tables["gaps"].set_index("method")
+    assert gaps.loc["mapa", "mean gap"] == pytest.approx(-0.004) and gaps.loc["iwae", "mean gap"] == pytest.approx(-0.002)
+    assert "On 2 runs scored by both" in section.markdown

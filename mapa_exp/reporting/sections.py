@@ -361,13 +361,17 @@ def sensitivity_section(table: pd.DataFrame, by_rule: pd.DataFrame) -> Section |
 
 
 def evaluators_section(table: pd.DataFrame) -> Section | None:
-    gap = table[(table["metric"] == "test_loglik_gap/mog_iwae") & table["value"].notna()]
-    if gap.empty:  # scored by the two evaluators in separate passes: the gap from the two log-likelihoods
-        ll = table[table["metric"].isin(["test_loglik/mog_iwae", "test_loglik/quadrature"]) & table["value"].notna()]
-        both = ll.pivot_table(index=["run_dir", "method"], columns="metric", values="value", aggfunc="first").dropna()
-        if both.empty or len(both.columns) < 2:
-            return None
-        gap = (both["test_loglik/mog_iwae"] - both["test_loglik/quadrature"]).rename("value").reset_index()
+    recorded = table[(table["metric"] == "test_loglik_gap/mog_iwae") & table["value"].notna()]
+    gap = recorded[["run_dir", "method", "value"]]
+    # runs scored by the two evaluators in separate passes: the gap from the two log-likelihoods
+    ll = table[table["metric"].isin(["test_loglik/mog_iwae", "test_loglik/quadrature"]) & table["value"].notna()
+               & ~table["run_dir"].isin(set(recorded["run_dir"]))]
+    both = ll.pivot_table(index=["run_dir", "method"], columns="metric", values="value", aggfunc="first").dropna()
+    if len(both) and len(both.columns) == 2:
+        computed = (both["test_loglik/mog_iwae"] - both["test_loglik/quadrature"]).rename("value").reset_index()
+        gap = pd.concat([gap, computed], ignore_index=True)
+    if gap.empty:
+        return None
     g = gap["value"].astype(float)
     by = gap.groupby("method")["value"].agg(["size", "mean", lambda v: v.abs().max()]).reset_index()
     by.columns = ["method", "runs", "mean gap", "max abs gap"]
