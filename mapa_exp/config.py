@@ -166,7 +166,7 @@ class MogIwaeConf:
     lr: float = 3e-3
     estimator: str = "stl"
     seed: int = 0
-    check_every: int = 100
+    check_every: int = 0
     patience: int = 3
     min_delta: float = 1e-3
     min_steps: int = 1000

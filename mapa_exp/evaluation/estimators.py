@@ -103,13 +103,13 @@ class QuadratureEstimator:
 
 
 class MogIwaeEstimator:
-    """The paper's evaluator. Its q is fitted on ``x_fit`` and stops early on the validation split when one is
-    scored (else on the last tenth of ``x_fit``, held out of the fit); ``check_every=0`` fits all ``steps``."""
+    """The paper's evaluator. Its q is fitted on ``x_fit`` for all ``steps``; with ``check_every`` > 0 it stops
+    early on the validation split when one is scored (else on the last tenth of ``x_fit``, held out of the fit)."""
     name = "mog_iwae"
 
     def __init__(self, n_components: int = 10, S_train: int = 100, S_eval: int = 5000, steps: int = 2000,
                  batch_size: int = 100, lr: float = 3e-3, estimator: str = "stl", seed: int = 0,
-                 check_every: int = 100, patience: int = 3, min_delta: float = 1e-3, min_steps: int = 1000):
+                 check_every: int = 0, patience: int = 3, min_delta: float = 1e-3, min_steps: int = 1000):
         self.kw = dict(n_components=n_components, S_train=S_train, steps=steps, batch_size=batch_size, lr=lr,
                        estimator=estimator, seed=seed)
         self.stopping = (dict(check_every=check_every, patience=patience, min_delta=min_delta, min_steps=min_steps)
