@@ -202,6 +202,7 @@ def test_bench_sweep_groups_the_restarts_and_draws_of_a_configuration():
     assert bench.restarts_per_configuration(bench.sweep_jobs("paper_density_smoke", [])) == 4
 
 
+@pytest.mark.slow  # ~25 s: a whole script in a subprocess
 def test_posterior_trends_script_writes_only_its_figure_and_tables(tmp_path, cache_dir):
     """The figure script from the command line (it once failed before composing: the configs' resolvers were not
     registered): its three outputs, a finite trend slope, and no folder of Hydra's own in the working directory."""
