@@ -204,6 +204,7 @@ def test_sigterm_stops_after_a_checkpoint_and_the_printed_command_resumes_exactl
     run_dir = Path(command[-1].partition("=")[2])
     res = results(run_dir)
     assert res["status"] == "preempted" and res["signal"] == signal.SIGTERM and "to resume" in res["reason"]
+    assert res["pid"] == proc.pid  # whose stop it is (a later attempt never hands it to SLURM again)
     assert checkpoint(run_dir)["epoch"] == res["epochs"] - 1 < 11  # the checkpoint is of the last epoch run
     assert (run_dir / "checkpoints" / "best.ckpt").exists()  # the validations done so far are not lost
 
@@ -213,6 +214,27 @@ def test_sigterm_stops_after_a_checkpoint_and_the_printed_command_resumes_exactl
     assert results(run_dir)["resumed_from_epoch"] == res["epochs"]
     assert len(list(outputs.glob("runs/*/*/results.json"))) == 1  # no second run folder
     assert_same_run(run_dir, reference["iwae"])
+
+
+@pytest.mark.parametrize("status_file", ["results.json", "stack.json"])
+def test_only_the_attempt_that_was_preempted_requeues_itself(tmp_path, status_file):
+    """A job hands its preemption to submitit (which requeues it) only when this process stopped on the signal:
+    a requeued attempt that fails before training (a busy folder, a bad checkpoint) must fail, not read the
+    first attempt's ``preempted`` and requeue itself again and again (the sweep would never end)."""
+    from mapa_exp.sweeps.launchers import hand_back_signal
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        for pid, handed in ((os.getpid() + 1, False), (os.getpid(), True)):
+            (tmp_path / status_file).write_text(json.dumps({"status": "preempted", "signal": int(signal.SIGUSR2),
+                                                            "pid": pid}))
+            assert hand_back_signal(tmp_path) is handed
+        (tmp_path / status_file).write_text(json.dumps({"status": "failed", "pid": os.getpid()}))
+        assert hand_back_signal(tmp_path) is False
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [signal.SIGUSR2]
 
 
 @pytest.mark.slow

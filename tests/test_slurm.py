@@ -58,15 +58,36 @@ def _submitit_log(sweep: Path, job_id: str) -> str:
     return "".join(p.read_text() for p in sorted((sweep / ".submitit").rglob(f"{job_id}_*log.*")))
 
 
+def _squeue(job_id: str) -> list[str]:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout.split()
+
+
 def _release_when_requeued(job_id: str, deadline: float) -> None:
     """Start the requeued job now: SLURM holds a requeued job back for its credential lifetime (2 minutes)."""
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout.split()
-        if state == ["PENDING", "BeginTime"]:
+        if _squeue(job_id) == ["PENDING", "BeginTime"]:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} was not requeued")
+
+
+def _finish(master: subprocess.Popen, log: Path, sweep: Path, job_id: str, timeout: float) -> str:
+    """Wait for the sweep's master process (its output goes to ``log``), starting the job again whenever SLURM
+    holds it back; on a timeout, fail with what the job, its logs and the master say (not a bare timeout)."""
+    deadline = time.time() + timeout
+    while master.poll() is None:
+        if time.time() > deadline:
+            master.kill()
+            master.wait()
+            job = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+            raise AssertionError(f"the sweep did not finish in {timeout:.0f} s; squeue: {_squeue(job_id)}\n"
+                                 f"{job.stdout[-1500:]}{job.stderr[-500:]}\n-- submitit logs --\n"
+                                 f"{_submitit_log(sweep, job_id)[-4000:]}\n-- master --\n{log.read_text()[-2000:]}")
+        if _squeue(job_id) == ["PENDING", "BeginTime"]:  # requeued once more (e.g. SIGTERM after the requeue)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+        time.sleep(1)
+    return log.read_text()
 
 
 def test_two_job_smoke_sweep_through_submitit(slurm_cluster, tmp_path):
@@ -118,10 +139,11 @@ def test_preempted_job_requeues_into_its_own_folder_and_resumes(slurm_cluster, t
     sweep = tmp_path / "outputs" / "sweep"
     epochs = 2000
     seeds = "0,1" if stacked else "0"
+    out_file = open(tmp_path / "master.log", "wb")
     master = subprocess.Popen([sys.executable, "train.py", "-m", "experiment=bandwidth_smoke", "method.bandwidth=0.01",
                                f"seed={seeds}", f"stack={stacked}", f"trainer.max_epochs={epochs}", *LAUNCHER,
                                f"hydra.sweep.dir={sweep}"],
-                              cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, env=_env(tmp_path), stdout=out_file, stderr=subprocess.STDOUT)
     runs = [sweep / "0000_spiral_mapa_h0.01_seed0_draw0", sweep / "0001_spiral_mapa_h0.01_seed1_draw0"][:2 if stacked else 1]
     job_dir = sweep / "stacks" / "0000_spiral_mapa" if stacked else runs[0]
     try:
@@ -133,10 +155,11 @@ def test_preempted_job_requeues_into_its_own_folder_and_resumes(slurm_cluster, t
         job_id = _job_id(job_dir)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         _release_when_requeued(job_id, deadline=time.time() + 120)
-        out, _ = master.communicate(timeout=400)
+        out = _finish(master, tmp_path / "master.log", sweep, job_id, timeout=540)
     finally:
         if master.poll() is None:
             master.kill()
+        out_file.close()
     assert master.returncode == 0, out[-3000:]
     for run in runs:
         res = _results(run)
@@ -158,9 +181,10 @@ def test_scontrol_requeue_resumes_in_its_own_folder_with_the_same_wandb_run(slur
     epochs = 800
     env = {**_env(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
+    out_file = open(tmp_path / "master.log", "wb")
     master = subprocess.Popen([sys.executable, "train.py", "-m", "experiment=bandwidth_smoke", "method.bandwidth=0.01",
                                f"trainer.max_epochs={epochs}", "logger=wandb", *LAUNCHER, f"hydra.sweep.dir={sweep}"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, env=env, stdout=out_file, stderr=subprocess.STDOUT)
     run = sweep / "0000_spiral_mapa_h0.01_seed0_draw0"
     try:
         deadline = time.time() + 240
@@ -173,10 +197,11 @@ def test_scontrol_requeue_resumes_in_its_own_folder_with_the_same_wandb_run(slur
         job_id = _job_id(run)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         _release_when_requeued(job_id, deadline=time.time() + 120)
-        out, _ = master.communicate(timeout=400)
+        out = _finish(master, tmp_path / "master.log", sweep, job_id, timeout=540)
     finally:
         if master.poll() is None:
             master.kill()
+        out_file.close()
     assert master.returncode == 0, out[-3000:]
     res = _results(run)
     assert res["status"] == "completed" and res["epochs"] == epochs and res["run_dir"] == str(run)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -295,12 +296,14 @@ def _write_results(results: dict, todo: list[Member], stack_dir: Path | None, t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     for m in todo:
         results[m.index].update(wall_time_s=wall, peak_rss_mib=peak)
+        if results[m.index].get("status") in STOPPED:  # whose stop it is: a later attempt must not act on it
+            results[m.index]["pid"] = os.getpid()
         atomic_write_json(m.run_dir / "results.json", results[m.index])
     log.info("results: %s", ", ".join(str(m.run_dir / "results.json") for m in todo))
     if stack_dir is not None:
         statuses = [results[m.index]["status"] for m in todo]
         worst = next((s for s in ("interrupted", "preempted", "failed", "running") if s in statuses), "completed")
-        extra = {"signal": results[todo[0].index]["signal"]} if worst in ("preempted", "interrupted") else {}
+        extra = {"signal": results[todo[0].index]["signal"], "pid": os.getpid()} if worst in STOPPED else {}
         _write_stack_file(stack_dir, worst, todo, wall_time_s=wall, **extra)
 
 

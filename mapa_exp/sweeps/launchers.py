@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -26,15 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def preempted_signal(run_dir: str | Path) -> int | None:
-    """The signal number a job in ``run_dir`` stopped on (``status: preempted`` in a stack's ``stack.json`` or a
-    run's ``results.json``), else None."""
+    """The signal number this process's job in ``run_dir`` stopped on (``status: preempted`` in a stack's
+    ``stack.json`` or a run's ``results.json``, written by this process), else None. A status an earlier attempt
+    left is not this attempt's: an attempt that fails before training (e.g. on a busy folder) must fail, not
+    requeue itself again and again."""
     run_dir = Path(run_dir)
     status_file = run_dir / "stack.json" if (run_dir / "stack.json").exists() else run_dir / "results.json"
     try:
         results = json.loads(status_file.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(results, dict) or results.get("status") != "preempted":
+    if not isinstance(results, dict) or results.get("status") != "preempted" or results.get("pid") != os.getpid():
         return None
     sig = results.get("signal")
     return int(sig) if isinstance(sig, int) else int(signal.SIGUSR2)
