@@ -161,7 +161,9 @@ class MogIwaeConf:
     n_components: int = 10
     S_train: int = 100
     S_eval: int = 5000
-    steps: int = 2000
+    steps: int = 1000
+    restarts: int = 2
+    S_select: int = 500
     batch_size: int = 100
     lr: float = 3e-3
     estimator: str = "stl"

@@ -161,3 +161,26 @@ def test_early_stopping_keeps_the_best_checked_q_and_stops_on_a_plateau():
     assert abs(float((exact - est.log_px).mean())) < 0.01
     with pytest.raises(ValueError, match="patience=0"):
         fit_mog_iwae(x_fit, figure8, LIK, 1, steps=10, x_stop=x_stop, patience=0)
+
+
+def test_restarts_score_with_the_fit_best_on_validation_data():
+    # two fits (seeds 4 and 5), recomputed here one by one: each one's held-out bound on the validation split
+    # decides, and the chosen fit's q is what scores every split (with the evaluation's seed, 4)
+    from mapa_exp.evaluation.estimators import GenerativeModel, MogIwaeEstimator
+    from mapa_exp.math.quadrature import StandardNormalPrior
+
+    x = sample_x(figure8, 1, 300, seed=14).float()
+    xs = {"val": x[200:250], "test": x[250:]}
+    model = GenerativeModel(figure8, LIK, 1, StandardNormalPrior(1))
+    res, diag = MogIwaeEstimator(restarts=2, S_select=50, steps=40, batch_size=50, S_eval=100, seed=4).evaluate(
+        model, x[:200], xs)
+    fits = [fit_mog_iwae(x[:200], figure8, LIK, 1, steps=40, batch_size=50, seed=seed).q_net for seed in (4, 5)]
+    held = [float(mog_iwae_log_likelihood(xs["val"], q, figure8, LIK, S_eval=50, seed=4).log_px.mean()) for q in fits]
+    assert diag["fit_restart_held_out"] == pytest.approx(held, abs=1e-6) and held[0] != held[1]
+    best = int(held[1] > held[0])
+    assert diag["fit_restart"] == best
+    for split, xb in xs.items():
+        assert torch.allclose(res[split][0], mog_iwae_log_likelihood(xb, fits[best], figure8, LIK, S_eval=100,
+                                                                     seed=4).log_px, atol=1e-6)
+    with pytest.raises(Exception, match="restarts"):
+        MogIwaeEstimator(restarts=0)

@@ -103,32 +103,57 @@ class QuadratureEstimator:
 
 
 class MogIwaeEstimator:
-    """The paper's evaluator. Its q is fitted on ``x_fit`` for all ``steps``; with ``check_every`` > 0 it stops
-    early on the validation split when one is scored (else on the last tenth of ``x_fit``, held out of the fit)."""
+    """The paper's evaluator. ``restarts`` q's are fitted on ``x_fit`` (seeds ``seed``, ``seed + 1``, ...), each
+    for ``steps``, and the one with the highest bound on the validation split (``S_select`` samples, the same
+    for every restart) scores every split; without a validation split the last tenth of ``x_fit`` is held out
+    of the fits for that choice. Why: on a MAPA model over tightly grouped codes one fit in about four ends
+    0.02-0.05 nats per point below the exact log-likelihood, whatever its length, and its validation bound shows
+    it (docs/benchmarks.md). Any q gives a valid bound, so choosing among them on validation data is safe. With
+    ``check_every`` > 0 each fit also stops early on that split."""
     name = "mog_iwae"
 
-    def __init__(self, n_components: int = 10, S_train: int = 100, S_eval: int = 5000, steps: int = 2000,
-                 batch_size: int = 100, lr: float = 3e-3, estimator: str = "stl", seed: int = 0,
-                 check_every: int = 0, patience: int = 3, min_delta: float = 1e-3, min_steps: int = 1000):
+    def __init__(self, n_components: int = 10, S_train: int = 100, S_eval: int = 5000, steps: int = 1000,
+                 restarts: int = 2, S_select: int = 500, batch_size: int = 100, lr: float = 3e-3,
+                 estimator: str = "stl", seed: int = 0, check_every: int = 0, patience: int = 3,
+                 min_delta: float = 1e-3, min_steps: int = 1000):
+        if int(restarts) < 1:
+            raise ConfigError("evaluator.mog_iwae.restarts", restarts, "must be >= 1")
         self.kw = dict(n_components=n_components, S_train=S_train, steps=steps, batch_size=batch_size, lr=lr,
-                       estimator=estimator, seed=seed)
+                       estimator=estimator)
         self.stopping = (dict(check_every=check_every, patience=patience, min_delta=min_delta, min_steps=min_steps)
                          if check_every else {})
-        self.S_eval, self.seed = S_eval, seed
+        self.S_eval, self.seed, self.restarts, self.S_select = S_eval, seed, int(restarts), int(S_select)
 
     def config(self) -> dict:
-        return {**self.kw, "S_eval": self.S_eval, **({"stopping": self.stopping} if self.stopping else {})}
+        return {**self.kw, "seed": self.seed, "S_eval": self.S_eval,
+                **({"restarts": self.restarts, "S_select": self.S_select} if self.restarts > 1 else {}),
+                **({"stopping": self.stopping} if self.stopping else {})}
 
     def evaluate(self, model: GenerativeModel, x_fit: torch.Tensor, xs: dict[str, torch.Tensor]) -> tuple[Result, dict]:
-        stop = {}
-        if self.stopping:
+        x_held = None
+        if self.stopping or self.restarts > 1:
             if "val" in xs:
-                stop = dict(self.stopping, x_stop=xs["val"])
+                x_held = xs["val"]
             else:
-                n_stop = max(1, x_fit.shape[0] // 10)
-                x_fit, stop = x_fit[:-n_stop], dict(self.stopping, x_stop=x_fit[-n_stop:])
-        fit = fit_mog_iwae(x_fit, model.decode, model.likelihood, model.latent_dim, log_prior=model.prior.log_prob,
-                           **self.kw, **stop)
+                n_held = max(1, x_fit.shape[0] // 10)
+                x_fit, x_held = x_fit[:-n_held], x_fit[-n_held:]
+        stop = dict(self.stopping, x_stop=x_held) if self.stopping else {}
+        fits, held = [], []
+        for r in range(self.restarts):
+            if self.restarts > 1:
+                log.info("mixture IWAE: fit %d of %d", r + 1, self.restarts)
+            fit = fit_mog_iwae(x_fit, model.decode, model.likelihood, model.latent_dim, log_prior=model.prior.log_prob,
+                               seed=self.seed + r, **self.kw, **stop)
+            fits.append(fit)
+            if self.restarts > 1:  # the same samples for every restart: the scores differ by q alone
+                held.append(float(mog_iwae_log_likelihood(x_held, fit.q_net, model.decode, model.likelihood,
+                                                          S_eval=self.S_select, seed=self.seed,
+                                                          log_prior=model.prior.log_prob).log_px.mean()))
+        best = max(range(self.restarts), key=lambda r: held[r]) if held else 0
+        fit = fits[best]
+        if held:
+            log.info("mixture IWAE: held-out bounds of the fits %s nats per point; fit %d chosen",
+                     ", ".join(f"{v:.4f}" for v in held), best + 1)
         out = {}
         for split, x in xs.items():
             log.info("mixture IWAE: scoring %d %s points with S_eval=%d", x.shape[0], split, self.S_eval)
@@ -136,6 +161,8 @@ class MogIwaeEstimator:
                                           seed=self.seed, log_prior=model.prior.log_prob)
             out[split] = (est.log_px, est.std_err)
         diag = {"fit_steps": int(fit.train_bound.shape[0])}
+        if held:
+            diag.update(fit_restart=best, fit_restart_held_out=held)
         if fit.best_step is not None:
             diag["fit_best_step"] = fit.best_step
         return out, {**diag, "final_train_bound": float(fit.train_bound[-50:].mean())}
