@@ -14,12 +14,13 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from dataclasses import is_dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from mapa_exp.config import compose, validate
+from mapa_exp.config import compose, expected_type, validate
 from mapa_exp.errors import ConfigError, check
 
 
@@ -89,6 +90,14 @@ def _check(config_name: str, argv: list[str]) -> None:
     except Exception as exc:  # noqa: BLE001 -- composition errors come in many types
         raise _composition_error(exc, config_name, first_job) from None
     validate(cfg)
+    if config_name == "evaluate" or cfg.get("evaluate"):  # the estimators' own checks, before any training
+        from mapa_exp.evaluation.evaluate import build_estimators
+        from mapa_exp.runs.training import config_error
+
+        try:
+            build_estimators(cfg)
+        except Exception as exc:  # noqa: BLE001 -- instantiate wraps the estimator's ConfigError
+            raise (config_error(exc) or exc) from None
     if config_name == "train":
         _check_train_job(cfg, any(a in ("-m", "--multirun") for a in argv), argv)
     if config_name == "evaluate":  # the folders too: the same checks evaluate.py makes, before torch loads
@@ -197,6 +206,9 @@ def _composition_error(exc: Exception, config_name: str, overrides: list[str]) -
     override = re.search(r"Could not (?:override|append to config)[^']*'([^']+)'", msg)
     key = override.group(1) if override else str(getattr(cause, "full_key", "") or "")
     value = next((_value(o) for o in overrides if o.lstrip("+~").partition("=")[0] == key), None)
+    schema = getattr(cause, "object_type", None)
+    if isinstance(cause, ValidationError) and is_dataclass(schema) and getattr(cause, "key", None) is not None:
+        return ConfigError(key, value, f"must be {expected_type(schema, str(cause.key))}")  # a schema'd group's key
     if isinstance(cause, ValidationError) or "could not be converted" in msg or "Value '" in msg:
         kind = re.search(r"converted to (\w+)", msg)
         names = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}

@@ -25,6 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from mapa_exp import resolvers  # noqa: F401  the configs' ${mapa_...} resolvers, registered before any compose
 from mapa_exp.errors import ConfigError, check
+from mapa_exp.math.prior_choice import DEFAULTS as PRIOR_DEFAULTS
 from mapa_exp.math.prior_choice import check_prior_recovery
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,38 +149,53 @@ class TrainerConf:
 
 @dataclass
 class QuadratureConf:
+    """Exact log p(x) for latent dimension <= 2 (method.md §7); the defaults of ``conf/evaluator/quadrature.yaml``
+    and of ``QuadratureEstimator``."""
+
     _target_: str = "mapa_exp.evaluation.estimators.QuadratureEstimator"
-    J_1d: int = 10000
-    J_2d: int = 400
-    rule: str = "uniform"
-    check_convergence: bool = True
+    J_1d: int = 10000  # nodes for Dz = 1
+    J_2d: int = 400  # nodes per axis for Dz = 2 (160,000 in all; a mixture prior: per component)
+    rule: str = "uniform"  # uniform (exponentially convergent) | equal_mass (O(1/J^2), method.md §7)
+    check_convergence: bool = True  # also run 2J and report the largest per-point gap
 
 
 @dataclass
 class MogIwaeConf:
+    """The paper's evaluator (method.md §7); the defaults of ``conf/evaluator/mog_iwae.yaml`` and of
+    ``MogIwaeEstimator``."""
+
     _target_: str = "mapa_exp.evaluation.estimators.MogIwaeEstimator"
-    n_components: int = 10
-    S_train: int = 100
-    S_eval: int = 5000
-    steps: int = 1000
-    restarts: int = 2
-    S_select: int = 500
+    n_components: int = 10  # C, the mixture's components
+    S_train: int = 100  # samples per point while fitting q
+    S_eval: int = 5000  # samples per point scoring
+    steps: int = 1000  # at most this many Adam steps per fit (batch_size points each)
+    restarts: int = 2  # fits (seeds seed, seed + 1, ...); the best on the validation split scores: on MAPA models
+    #                    about one fit in four ends 0.02-0.05 nats low, and its validation bound shows it
+    S_select: int = 500  # samples per point for that choice (the same for every fit)
     batch_size: int = 100
-    lr: float = 3e-3
-    estimator: str = "stl"
-    seed: int = 0
-    check_every: int = 0
-    patience: int = 3
-    min_delta: float = 1e-3
-    min_steps: int = 1000
+    lr: float = 3e-3  # Adam, cosine decay to 1e-5
+    estimator: str = "stl"  # the fit's gradient: stl | standard
+    seed: int = 0  # fixed evaluation seed
+    check_every: int = 0  # early stopping (opt-in, e.g. 100): score q on the validation split every this many
+    #                       steps; off by default: on MAPA models it cost 0.004-0.011 nats (docs/benchmarks.md)
+    patience: int = 3  # ... stop after this many checks in a row gained less than
+    min_delta: float = 1e-3  # ... this many nats per point; the best q is kept
+    min_steps: int = 1000  # ... never before this many steps (the held-out bound swings while the rate is high)
 
 
 @dataclass
 class PriorRecoveryConf:
-    bins: Any = field(default_factory=lambda: [None, 8, 16, 32, 64])  # a value or a list (mapa_exp.math.prior_choice)
-    n_components: Any = field(default_factory=lambda: [1, 2, 5, 10, 20])
-    tail_knots: int = 10
-    seed: int = 0
+    """MAPA's prior from its codes (method.md §6), for train.py (evaluate=true) and evaluate.py alike: each
+    candidate fitted and scored, the best validation log-likelihood chosen per run. The defaults are
+    ``mapa_exp.math.prior_choice.DEFAULTS`` (the pure functions' own); ``conf/prior_recovery/default.yaml``
+    extends this schema."""
+
+    bins: Any = field(default_factory=lambda: list(PRIOR_DEFAULTS["bins"]))  # Dz = 1: null = the interpolating
+    #                  map, B = smooth through B bin means; a list of candidates, or one value that fixes it
+    n_components: Any = field(default_factory=lambda: list(PRIOR_DEFAULTS["n_components"]))  # Dz > 1: Gaussian
+    #                  mixtures of this many components; a list or one value
+    tail_knots: int = PRIOR_DEFAULTS["tail_knots"]  # Dz = 1: secant slope over this many outer codes
+    seed: int = PRIOR_DEFAULTS["seed"]  # Dz > 1: the mixtures' EM initialisation
 
 
 @dataclass
@@ -402,6 +418,18 @@ def _field_type(schema: type, dotted: str):
     return t
 
 
+def expected_type(schema: type, dotted: str) -> str:
+    """What a schema's (nested) field must be, in words ("an integer"): for a type error, Hydra's at composition
+    (its ``ValidationError`` names the schema and the key) as ours."""
+    t = _field_type(schema, dotted)
+    if getattr(t, "__origin__", None) is not None and getattr(t, "__origin__") is not list:  # Optional[X] -> X
+        t = t.__args__[0]
+    if getattr(t, "__origin__", None) is list:
+        inner = t.__args__[0] if getattr(t, "__args__", None) else None
+        return "a list" + (f" of {_TYPES[inner].split(' ', 1)[1]}s" if inner in (int, float, str) else "")
+    return _TYPES.get(t, getattr(t, "__name__", "of another type"))
+
+
 def _keys(schema: type, dotted: str) -> list[str]:
     """The field names at ``dotted`` (its parent) of a schema."""
     t = schema
@@ -421,12 +449,10 @@ def _translate(exc: OmegaConfBaseException, path: str, schema: type, node) -> Co
         value = OmegaConf.select(node, rel, default=None) if rel else None
         hint = f"; did you mean {'.'.join(([path] if path else []) + rel.split('.')[:-1] + [near[0]])}?" if near else ""
         return ConfigError(key, value, f"no such key{hint}")
-    t = _field_type(schema, rel)
-    t = getattr(t, "__args__", (t,))[0] if getattr(t, "__origin__", None) is not None else t  # Optional[X] -> X
     value = getattr(exc, "value", None) if isinstance(exc, ValidationError) else None
     if value is None:
         value = OmegaConf.select(node, rel, default=None, throw_on_missing=False) if rel else None
-    return ConfigError(key, value, f"must be {_TYPES.get(t, getattr(t, '__name__', 'of another type'))}")
+    return ConfigError(key, value, f"must be {expected_type(schema, rel)}")
 
 
 # -- a run's configuration, for grouping results -------------------------------------------------------

@@ -282,3 +282,21 @@ def test_cli_evaluation_of_a_failed_run(tmp_path, cache_dir):
     assert_one_error_line(p, "error: run=")
     assert "did not complete (status 'failed'" in p.stderr
     assert not (run_dir / "eval.json").exists()
+
+
+# evaluator settings of train.py evaluate=true: refused before any training (a run would otherwise train for
+# its whole budget and then fail); once a traceback (a bad quadrature rule) or a silent wrong type
+@pytest.mark.parametrize("override, start", [
+    ("evaluator.quadrature.rule=3", "error: evaluator.quadrature.rule='3': must be one of equal_mass, uniform"),
+    ("evaluator.quadrature.J_1d=1", "error: evaluator.quadrature.J_1d=1: must be an integer >= 2"),
+    ("evaluator.mog_iwae.restarts=0", "error: evaluator.mog_iwae.restarts=0: must be an integer >= 1"),
+    ("evaluator.mog_iwae.estimator=foo", "error: evaluator.mog_iwae.estimator='foo': must be one of stl, standard"),
+    ("evaluator.mog_iwae.steps=abc", "error: evaluator.mog_iwae.steps='abc': must be an integer"),
+    ("prior_recovery.tail_knots=x", "error: prior_recovery.tail_knots='x': must be an integer"),
+])
+def test_bad_evaluator_setting_is_refused_before_training(override, start, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    p = cli("train.py", *FAST, "evaluate=true", override, f"hydra.run.dir={run_dir}", tmp_path=tmp_path,
+            cache_dir=cache_dir)
+    assert_one_error_line(p, start)
+    assert not (run_dir / "results.json").exists() and not list(run_dir.glob("checkpoints/*"))

@@ -16,11 +16,13 @@ from typing import Callable
 
 import torch
 
-from mapa_exp.errors import ConfigError
-from mapa_exp.evaluation.mog_iwae import fit_mog_iwae, mog_iwae_log_likelihood
+from mapa_exp.config import MogIwaeConf, QuadratureConf
+from mapa_exp.errors import ConfigError, check
+from mapa_exp.evaluation.mog_iwae import ESTIMATORS, fit_mog_iwae, mog_iwae_log_likelihood
 from mapa_exp.math.prior_choice import PriorCandidate
 from mapa_exp.math.prior_recovery import CopulaPrior1D, MixturePrior, compose_decoder
-from mapa_exp.math.quadrature import MAX_LATENT_DIM, StandardNormalPrior, convergence_check, quadrature_log_likelihood
+from mapa_exp.math.quadrature import (MAX_LATENT_DIM, RULES, StandardNormalPrior, convergence_check,
+                                     quadrature_log_likelihood)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,17 @@ def standard_model(decoder, likelihood, latent_dim: int) -> GenerativeModel:
 Result = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
+_QUADRATURE, _MOG = QuadratureConf(), MogIwaeConf()  # the one home of the estimators' defaults (conf/ extends it)
+
+
 class QuadratureEstimator:
     name = "quadrature"
 
-    def __init__(self, J_1d: int = 10000, J_2d: int = 400, rule: str = "uniform", check_convergence: bool = True):
+    def __init__(self, J_1d: int = _QUADRATURE.J_1d, J_2d: int = _QUADRATURE.J_2d, rule: str = _QUADRATURE.rule,
+                 check_convergence: bool = _QUADRATURE.check_convergence):
+        check(rule in RULES, "evaluator.quadrature.rule", rule, f"must be one of {', '.join(RULES)}")
+        for key, J in (("J_1d", J_1d), ("J_2d", J_2d)):
+            check(isinstance(J, int) and J >= 2, f"evaluator.quadrature.{key}", J, "must be an integer >= 2")
         self.J = {1: int(J_1d), 2: int(J_2d)}
         self.rule, self.check_convergence = rule, check_convergence
 
@@ -112,12 +121,14 @@ class MogIwaeEstimator:
     ``check_every`` > 0 each fit also stops early on that split."""
     name = "mog_iwae"
 
-    def __init__(self, n_components: int = 10, S_train: int = 100, S_eval: int = 5000, steps: int = 1000,
-                 restarts: int = 2, S_select: int = 500, batch_size: int = 100, lr: float = 3e-3,
-                 estimator: str = "stl", seed: int = 0, check_every: int = 0, patience: int = 3,
-                 min_delta: float = 1e-3, min_steps: int = 1000):
-        if int(restarts) < 1:
-            raise ConfigError("evaluator.mog_iwae.restarts", restarts, "must be >= 1")
+    def __init__(self, n_components: int = _MOG.n_components, S_train: int = _MOG.S_train, S_eval: int = _MOG.S_eval,
+                 steps: int = _MOG.steps, restarts: int = _MOG.restarts, S_select: int = _MOG.S_select,
+                 batch_size: int = _MOG.batch_size, lr: float = _MOG.lr, estimator: str = _MOG.estimator,
+                 seed: int = _MOG.seed, check_every: int = _MOG.check_every, patience: int = _MOG.patience,
+                 min_delta: float = _MOG.min_delta, min_steps: int = _MOG.min_steps):
+        check(estimator in ESTIMATORS, "evaluator.mog_iwae.estimator", estimator, f"must be one of {', '.join(ESTIMATORS)}")
+        for key, value in (("restarts", restarts), ("steps", steps), ("S_select", S_select), ("S_eval", S_eval)):
+            check(isinstance(value, int) and value >= 1, f"evaluator.mog_iwae.{key}", value, "must be an integer >= 1")
         self.kw = dict(n_components=n_components, S_train=S_train, steps=steps, batch_size=batch_size, lr=lr,
                        estimator=estimator)
         self.stopping = (dict(check_every=check_every, patience=patience, min_delta=min_delta, min_steps=min_steps)
