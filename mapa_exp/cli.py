@@ -90,7 +90,10 @@ def _check(config_name: str, argv: list[str]) -> None:
     except Exception as exc:  # noqa: BLE001 -- composition errors come in many types
         raise _composition_error(exc, config_name, first_job) from None
     validate(cfg)
-    if config_name == "evaluate" or cfg.get("evaluate"):  # the estimators' own checks, before any training
+    touched = config_dir is not None or any(t.lstrip("+~").startswith("evaluator") for t in first_job)
+    if touched and (config_name == "evaluate" or cfg.get("evaluate")):  # the estimators' own checks, before
+        # any training; only when the command line changed them (the shipped defaults pass them, and building
+        # the estimators loads torch, seconds a good command line need not wait)
         from mapa_exp.evaluation.evaluate import build_estimators
         from mapa_exp.runs.training import config_error
 
