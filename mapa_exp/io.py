@@ -69,13 +69,30 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def progress(iterable, desc: str):
-    """``iterable`` with a progress bar and ETA on stderr when it is a terminal (nothing in logs or pipes)."""
+def progress(iterable, desc: str, every_s: float = 10.0):
+    """``iterable`` with a progress bar and ETA on stderr when it is a terminal; elsewhere (a log, a pipe) a log
+    line ``desc: k/N done, t s`` every ``every_s`` seconds, so that a long step is never silent."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, file=sys.stderr, disable=None, leave=False, mininterval=0.5)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
+    return _logged(iterable, desc, every_s)
+
+
+def _logged(iterable, desc: str, every_s: float):
+    import time
+
+    log = logging.getLogger("mapa_exp.progress")
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    start = last = time.monotonic()
+    for k, item in enumerate(iterable):
+        now = time.monotonic()
+        if now - last >= every_s:
+            log.info("%s: %d%s done, %.0f s", desc, k, f"/{total}" if total is not None else "", now - start)
+            last = now
+        yield item
 
 
 CODE_PATHS = ("mapa_exp", "conf", "hydra_plugins", "train.py", "evaluate.py")  # what computes a number

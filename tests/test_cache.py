@@ -150,3 +150,16 @@ def test_cache_entries_hold_no_pickles(tmp_path):
     with pytest.raises(ValueError):
         cache.load_or_build(KIND, "objects", lambda: {"a": np.array([{"x": 1}], dtype=object)})
     assert not cache.path(KIND, "objects").exists()
+
+
+def test_a_long_step_says_where_it_is_in_a_log(monkeypatch, caplog):
+    """Without a terminal (a log file, a pipe) ``progress`` yields every item unchanged and logs ``k/N done`` once
+    ``every_s`` seconds have passed since its last line (a clock stepped by hand: 0, then 1, 11, 12, 25 s)."""
+    from mapa_exp.io import progress
+
+    ticks = iter([0.0, 1.0, 11.0, 12.0, 25.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(ticks))
+    with caplog.at_level(logging.INFO, logger="mapa_exp.progress"):
+        items = list(progress(["a", "b", "c", "d"], "fitting", every_s=10.0))
+    assert items == ["a", "b", "c", "d"]
+    assert [r.getMessage() for r in caplog.records] == ["fitting: 1/4 done, 11 s", "fitting: 3/4 done, 25 s"]

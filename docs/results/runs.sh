@@ -41,7 +41,7 @@ if [ "${1:-}" = evaluate ]; then  # score every run of a part's sweeps (exact qu
   cd "$etree" && . .venv/bin/activate
   export MAPA_EXP_OUTPUTS=$RUNS/outputs WANDB_MODE=offline MPLBACKEND=Agg
   for ds in $datasets; do ls -d "$RUNS/$part/${ds}_"*/ 2>/dev/null || true; done | xargs -r -P "$PAR" -I{} bash -c \
-    'python evaluate.py sweep={} evaluator=quadrature >> {}.eval.log 2>&1; echo "$(date -u +%FT%TZ) evaluated {} rc=$?" >> '"$RUNS/$part"'/progress.log'
+    'python evaluate.py sweep={} evaluator=quadrature num_threads=1 >> {}.eval.log 2>&1; echo "$(date -u +%FT%TZ) evaluated {} rc=$?" >> '"$RUNS/$part"'/progress.log'
   exit 0
 fi
 
