@@ -34,6 +34,11 @@ def main(cfg: DictConfig) -> list[dict] | None:
     fresh = not (run_dir / "results.json").exists() and not (run_dir / "checkpoints").exists()
     try:
         results = train(cfg)  # with evaluate=true it also evaluates the completed runs
+    except KeyboardInterrupt:  # Ctrl-C outside the epochs (training stops those itself): writing the results,
+        # evaluating; every file is written whole (temporary name, then renamed), so the rerun takes up from there
+        print("interrupted: SIGINT after the training epochs; the files written so far are whole", file=sys.stderr)
+        print(f"resume with: {resume_command(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:
         bad = config_error(exc)
         if bad is None:

@@ -163,6 +163,10 @@ def test_an_evaluation_record_follows_its_checkpoint(tmp_path, cache_dir):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "1 evaluated, 0 already" in p.stdout, p.stdout
+    # a long step says what it does, and evaluate.py leaves no folder of its own (it once left outputs/evaluations/)
+    said = p.stdout + p.stderr
+    assert "fitting and scoring the prior candidates on validation data" in said and "chosen by val_loglik" in said
+    assert not (tmp_path / "out").exists(), sorted((tmp_path / "out").rglob("*"))
     after = json.loads((run_dir / "eval.json").read_text())
     assert after["scored"]["checkpoint"]["epoch"] > 3
     assert "mog_iwae" not in after["diagnostics"] and not any(k.endswith("/mog_iwae") for k in after["metrics"])

@@ -70,6 +70,13 @@ class SendSignal(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SigintAtFitEnd(Callback):
+    """Sends SIGINT to this process once training is over (a Ctrl-C while the results are written)."""
+
+    def on_fit_end(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def fault(name: str, target: str, **kwargs) -> list[str]:
     """Command-line overrides that add a fault-injecting callback from this module."""
     out = [f"+callbacks.{name}._target_=tests.test_reliability.{target}"]
@@ -254,11 +261,34 @@ def test_sigint_interrupts_after_a_checkpoint_and_rerun_equals_an_uninterrupted_
     res = results(run_dir)
     assert res["status"] == "interrupted" and res["signal"] == signal.SIGINT and "to resume" in res["reason"]
     assert checkpoint(run_dir)["epoch"] == res["epochs"] - 1 < 11
+    # an interrupted run keeps its best weights once a validation ran (every 3 epochs here), and has none before
+    assert (run_dir / "checkpoints" / "best.ckpt").exists() == (res["epochs"] >= 3), res["epochs"]
 
     again = run_cli(args, cache_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert results(run_dir)["resumed_from_epoch"] == res["epochs"]
     assert_same_run(run_dir, reference["mapa"])
+
+
+def test_sigint_after_the_epochs_gives_the_resume_command_and_the_rerun_completes(tmp_path, cache_dir):
+    """Ctrl-C once the epochs are over (results being written): the two lines and exit 130, no traceback; the
+    printed command then finishes the run without training again."""
+    run_dir = tmp_path / "run"
+    args = [*RESUMABLE, "method=vae", "trainer.max_epochs=2", *fault("late", "SigintAtFitEnd"),
+            f"hydra.run.dir={run_dir}"]
+    import shlex
+
+    p = cli(args, cache_dir, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert lines[-2].startswith("interrupted: ") and lines[-1].startswith("resume with: python train.py ")
+    command = shlex.split(lines[-1][len("resume with: "):])
+    again = run_cli([a for a in command[2:] if "SigintAtFitEnd" not in a and not a.startswith("+callbacks.late")],
+                    cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    res = results(run_dir)
+    assert res["status"] == "completed" and res["epochs"] == 2
 
 
 def test_two_preemptions_by_sigusr2_then_completion_equal_an_uninterrupted_run(tmp_path, cache_dir, reference):

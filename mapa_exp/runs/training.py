@@ -204,16 +204,13 @@ def _run_members(cfg: DictConfig, members: list[Member], todo: list[Member], don
     except SIGTERMException:  # SIGTERM before StopOnSignal took over: Lightning stopped mid-epoch, saving nothing
         outcome = {m.index: dict(status="preempted", signal=int(signal.SIGTERM), reason="SIGTERM received before "
                    f"training started; {RESUME} from the last checkpoint, if any") for m in todo}
-    except KeyboardInterrupt:  # Ctrl-C outside the epochs StopOnSignal guards, or a second one
-        outcome = {m.index: dict(status="interrupted", signal=int(signal.SIGINT), reason="interrupted (SIGINT) "
-                   f"before an epoch's end; {RESUME} from the last checkpoint, if any") for m in todo}
     except BaseException as exc:
-        cause = config_error(exc) or _root_cause(exc)
-        for m in todo:
-            results[m.index].update(status="failed", reason=f"{type(cause).__name__}: {cause}")
-        _write_results(results, todo, stack_dir if stacked else None, t0)
-        _close_loggers(results, todo, loggers)
-        raise
+        if _ctrl_c(exc):  # Ctrl-C outside the epochs StopOnSignal guards, or a second one
+            outcome = {m.index: dict(status="interrupted", signal=int(signal.SIGINT), reason="interrupted (SIGINT) "
+                       f"outside an epoch; {RESUME} from the last checkpoint, if any") for m in todo}
+        else:
+            _record_failure(exc, results, todo, loggers, stack_dir if stacked else None, t0)
+            raise
     for m in todo:
         results[m.index].update(outcome[m.index])
     completed = [(e, m) for e, m in enumerate(todo) if results[m.index]["status"] == "completed"]
@@ -230,6 +227,20 @@ def _run_members(cfg: DictConfig, members: list[Member], todo: list[Member], don
     finally:
         _close_loggers(results, todo, loggers)
     return [results.get(m.index) or done[m.index] for m in members]
+
+
+def _ctrl_c(exc: BaseException) -> bool:
+    """A Ctrl-C: KeyboardInterrupt itself, or the ``SystemExit(1)`` Lightning turns it into inside ``fit``."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == 1
+                                                  and isinstance(exc.__context__, KeyboardInterrupt))
+
+
+def _record_failure(exc: BaseException, results: dict, todo: list, loggers: list, stack_dir, t0: float) -> None:
+    cause = config_error(exc) or _root_cause(exc)
+    for m in todo:
+        results[m.index].update(status="failed", reason=f"{type(cause).__name__}: {cause}")
+    _write_results(results, todo, stack_dir, t0)
+    _close_loggers(results, todo, loggers)
 
 
 class Trained:
