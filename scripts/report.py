@@ -51,9 +51,10 @@ def main(argv=None) -> int:
         from mapa_exp.reporting.dashboard import log_report_run, runs_wandb_group
 
         group = a.wandb_group or runs_wandb_group(pd.concat(list(tables.values()), ignore_index=True))
-        run_id = log_report_run(sections, report_text(sections), written, a.tables, out.parent, a.wandb_project,
-                                group)
-        print(f"logged the summary run {run_id} (group {group}) to W&B")
+        run_id, offline = log_report_run(sections, report_text(sections), written, a.tables, out.parent,
+                                         a.wandb_project, group)
+        print(f"logged the summary run {run_id} (group {group}) to W&B"
+              + (f" offline: {offline}; upload it with: wandb sync {offline}" if offline else ""))
     return 0
 
 

@@ -149,6 +149,7 @@ def test_report_logs_one_summary_run_with_figures_tables_and_the_parquet(sweep, 
         p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
     (folder,) = (tmp_path / "report" / "wandb").glob("offline-run-*")
+    assert p.stdout.strip().splitlines()[-1].endswith(f"offline: {folder}; upload it with: wandb sync {folder}")
     run = offline_run(folder)
     assert run["run"]["job_type"] == "report" and run["run"]["run_group"] == "multiruns/wb"  # the runs' group
     figures = [f for f in run["files"] if f.startswith("media/images/figures/")]

@@ -39,9 +39,11 @@ def runs_wandb_group(table: pd.DataFrame) -> str | None:
 
 
 def log_report_run(sections: Sequence[Section], text: str, figures: Sequence[Path], tables: Sequence[Path],
-                   run_dir: Path, project: str, group: str | None, offline: bool | None = None) -> str:
-    """Log the summary run (files under ``run_dir``); returns its id. Offline when ``offline`` or, if None,
-    when ``WANDB_MODE=offline`` or no ``WANDB_API_KEY`` is set."""
+                   run_dir: Path, project: str, group: str | None,
+                   offline: bool | None = None) -> tuple[str, Path | None]:
+    """Log the summary run (files under ``run_dir``); returns its id and, offline, its folder (what ``wandb sync``
+    uploads; None online). Offline when ``offline`` or, if None, when ``WANDB_MODE=offline`` or no
+    ``WANDB_API_KEY`` is set."""
     import wandb
 
     if offline is None:
@@ -59,6 +61,6 @@ def log_report_run(sections: Sequence[Section], text: str, figures: Sequence[Pat
     for t in tables:
         artifact.add_file(str(t))
     run.log_artifact(artifact)
-    run_id = run.id
+    run_id, folder = run.id, Path(run.dir).parent  # <run_dir>/wandb/<offline-run-...>/files
     run.finish()
-    return run_id
+    return run_id, folder if offline else None
