@@ -177,7 +177,8 @@ def run_group(dataset: str, decoder: str, seed: int, args) -> list[dict]:
         hit = c.history[c.reached_at] if c.reached_at is not None else None
         rows.append({
             "dataset": dataset, "decoder": decoder, "decoder_params": c.decoder_params, "seed": seed, "S": c.S,
-            "method": c.method, "K": c.K, "name": c.name, "device": device, "reached": hit is not None,
+            "method": c.method, "K": c.K, "name": c.name, "device": device, "target": scorer.target,
+            "date": time.strftime("%Y-%m-%d"), "reached": hit is not None,
             "time_to_target_s": hit["train_s"] if hit else None, "epochs_to_target": hit["epoch"] if hit else None,
             "train_s": c.train_s, "epochs": c.epochs, "final_value": c.history[-1]["value"],
             "step_ms": 1000 * c.train_s / max(c.steps, 1), "split_ms": {k: 1000 * v for k, v in split.items()},
@@ -261,14 +262,30 @@ def seeds_text(rows: list[dict]) -> str:
     return "; ".join(f"{d} {', '.join(map(str, sorted(s)))}" for d, s in sorted(by.items()))
 
 
+def per_dataset(rows: list[dict], key: str) -> dict:
+    """{data set: the one value of ``key`` its rows share} (an --append run may differ from the others)."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["dataset"], set()).add(r[key])
+    bad = {d: v for d, v in by.items() if len(v) != 1}
+    if bad:
+        raise SystemExit(f"error: rows of one data set disagree on {key}: {bad}")
+    return {d: v.pop() for d, v in sorted(by.items())}
+
+
 def render(data: dict, figure: str | None) -> str:
     meta, rows = data["meta"], data["rows"]
     summary = ratios(rows)
-    out = [f"Measured by `python scripts/bench_time_to_kl.py` on {meta['machine']} ({meta['date']}, torch "
-           f"{meta['torch']}, {meta['threads']} thread(s)): seeds {seeds_text(rows)}, at most {meta['max_epochs']} "
-           f"epochs, scored every {meta['every']} (scoring excluded). Targets: Figure-8 test KL <= "
-           f"{meta['target_kl']} nats (exact); digits test log-likelihood >= {meta['target_ll']} nats per image "
-           f"(quadrature, {meta['digits_J']}² nodes). Encoder / g_phi 2 x 50 throughout; batch 100.", "",
+    targets = per_dataset(rows, "target")
+    dates = per_dataset(rows, "date")
+    target_text = "; ".join(
+        f"digits test log-likelihood >= {t} nats per image (quadrature, {meta['digits_J']}² nodes)" if d == "digits"
+        else f"{d} test KL <= {t} nats (exact)" for d, t in targets.items())
+    out = [f"Measured by `python scripts/bench_time_to_kl.py` on {meta['machine']} (torch {meta['torch']}, "
+           f"{meta['threads']} thread(s); " + ", ".join(f"{d} on {t}" for d, t in dates.items())
+           + f"): seeds {seeds_text(rows)}, at most {meta['max_epochs']} "
+           f"epochs, scored every {meta['every']} (scoring excluded). Targets: {target_text}. "
+           "Encoder / g_phi 2 x 50 throughout; batch 100.", "",
            "**Time to target, MAPA / IWAE at the same S** (geometric mean over seeds [min, max]; < 1: MAPA "
            "faster), split into its two factors: the per-step time ratio and the ratio of epochs to target (both "
            "geometric means; their product is the time ratio where every seed reached the target):", "",
@@ -389,15 +406,18 @@ def main() -> None:
             old = json.loads(args.json.read_text())
             rows = [r for r in old.get("rows", []) if (r["device"], r["dataset"]) not in
                     {(args.device, d) for d in args.datasets}]
+            for r in rows:  # rows from before targets and dates were kept per row: the old run's own
+                r.setdefault("target", old["meta"]["target_ll" if r["dataset"] == "digits" else "target_kl"])
+                r.setdefault("date", old["meta"]["date"])
         for dataset in args.datasets:
             for decoder in args.decoders:
                 for seed in args.seeds:
                     rows += run_group(dataset, decoder, seed, args)
                     data = {"meta": {"machine": f"{platform.machine()}, {os.cpu_count()} cores"
                                      + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-                                     "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                                     "torch": torch.__version__,
                                      "threads": args.threads, "seeds": args.seeds, "max_epochs": args.max_epochs,
-                                     "every": args.every, "target_kl": args.target_kl, "target_ll": args.target_ll,
+                                     "every": args.every,
                                      "digits_J": args.digits_J}, "rows": rows}
                     atomic_write_json(args.json, data)  # after every group: a long run keeps what it measured
     data = json.loads(args.json.read_text())

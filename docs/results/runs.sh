@@ -13,7 +13,14 @@
 # (evaluate=false): the evaluation runs afterwards, from the evaluation commit, with `evaluate.py sweep=`.
 set -euo pipefail
 datasets=${DATASETS:-clusters spiral figure8 circle absolute_value}
-here=$(cd "$(dirname "$0")/../.." && pwd)
+here=${RUNS_HERE:-$(cd "$(dirname "$0")/../.." && pwd)}
+# bash reads a script as it runs: a chain of hours would pick up an edit of this file mid-way (and did: "unexpected
+# EOF"), so the whole command runs from a frozen copy
+if [ -z "${RUNS_FROZEN:-}" ]; then
+  frozen=$(mktemp "${TMPDIR:-/tmp}/runs.XXXXXX.sh"); cp "$0" "$frozen"
+  export RUNS_FROZEN=$frozen RUNS_HERE=$here
+  exec bash "$frozen" "$@"
+fi
 PAR=${PAR:-2}
 
 tree_of() {  # a worktree of the commit, with its own environment (its package, not the checkout's)
