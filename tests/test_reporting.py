@@ -161,6 +161,9 @@ def test_selection_rules_and_statistics_come_from_the_table_not_from_defaults():
     assert "<NA>" not in text and "- **(no experiment)**: 6 completed runs" in text
     assert "| (no experiment) | eval | completed | 6 |" in text
     assert "D = 2 draws per configuration" in text
+    # a VAE's config carries a K fraction (0.5 here, as in the real tables) that it never uses: not shown as chosen
+    at_s = text.split("### Each method at its S chosen on validation data")[1]
+    assert "| circle | vae | 2 | – |" in at_s and "| circle | mapa | 2 | 0.5 |" in at_s
 
 
 def test_the_code_section_lists_each_tables_commits():

@@ -271,10 +271,12 @@ def density_section(choice: DensityChoice | None, figure_link: str) -> Section:
                      for m, s, n, f, k in zip(d["mean"], d["se"], d["n"], d["K_fraction"], d["k_fractions"].fillna(1))]
         p = _s_columns(d.pivot_table(index="method", columns="S", values="cell", aggfunc="first"))
         out += [f"### {ds}", "", markdown_table(p.reset_index().fillna("–")), ""]
+    with_k = set(choice.at_s.loc[choice.at_s["K"].notna(), "method"])  # a VAE's config has a K fraction it ignores
     at_s = mean_se_over_draws(choice.at_s, choice.metric, by=["dataset", "method", "K_fraction", "S"])
     at_s = at_s.sort_values(["dataset", "method"], key=lambda c: c.map(method_sort_key) if c.name == "method" else c)
     shown = pd.DataFrame({"dataset": at_s["dataset"], "method": at_s["method"], "S": at_s["S"].astype(int),
-                          "K fraction": [f"{f:g}" if pd.notna(f) else "" for f in at_s["K_fraction"]],
+                          "K fraction": [f"{f:g}" if pd.notna(f) and m in with_k else "–"
+                                         for f, m in zip(at_s["K_fraction"], at_s["method"])],
                           f"test KL ({choice.metric})": [mean_se_text(m, s) + f" ({int(n)})"
                                                          for m, s, n in zip(at_s["mean"], at_s["se"], at_s["n"])]})
     out += ["### Each method at its S chosen on validation data", "", markdown_table(shown), ""]
