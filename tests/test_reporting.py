@@ -166,6 +166,19 @@ def test_selection_rules_and_statistics_come_from_the_table_not_from_defaults():
     assert "| circle | vae | 2 | – |" in at_s and "| circle | mapa | 2 | 0.5 |" in at_s
 
 
+def test_draw_counts_that_differ_between_methods_are_stated_per_method():
+    """Two draws of IWAE and MAPA, three of the VAE: the scale and the statistics name both counts, and the t test's
+    width at each (t(0.975, 1) = 12.71, t(0.975, 2) = 4.30)."""
+    rows = []
+    for method, kl, draws in (("vae", 0.3, 3), ("iwae", 0.2, 2), ("mapa", 0.1, 2)):
+        for draw in range(draws):
+            rows += run_rows(method, 0, draw, -1.0, kl + 0.01 * draw)
+    text = report_text(report_sections({"tidy.parquet": tidy_frame(rows)}, WHEN))
+    assert "R = 1 restarts and D = 2 (vae: 3) draws per configuration" in text
+    assert ("With D = 2 (vae: 3) draws, paired t tests have 1 degree of freedom and a 95% interval ±12.71 standard "
+            "errors wide (2 degrees of freedom and a 95% interval ±4.30 standard errors wide at D = 3)") in text
+
+
 def test_the_code_section_lists_each_tables_commits():
     a, b = "a" * 40, "b" * 40
     one = tidy_frame(run_rows("vae", 0, 0, -1.0, 0.2, train_commit=a, eval_commit=b + "+dirty")

@@ -51,6 +51,15 @@ def range_text(counts: pd.Series) -> str:
     return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
+def counts_by_method_text(counts: pd.Series) -> str:
+    """``counts`` (indexed with a ``method`` level) as text: "5" when every method has 5, "5 (aggressive: 3)" when
+    some differ: the count most methods share first, the others named after it."""
+    per_method = counts.groupby(level="method", sort=False).agg(range_text)
+    common = per_method.value_counts(sort=False).sort_values(ascending=False, kind="stable").index[0]
+    others = sorted((m for m, t in per_method.items() if t != common), key=method_sort_key)
+    return common + (f" ({'; '.join(f'{m}: {per_method[m]}' for m in others)})" if others else "")
+
+
 def integers_text(values) -> str:
     """The distinct integers of ``values``, sorted, comma-separated ("?" when there are none)."""
     return ", ".join(str(int(v)) for v in sorted({int(v) for v in values if not is_missing(v)})) or "?"

@@ -25,6 +25,7 @@ from mapa_exp.reporting.figures import density_figure, passes_figure
 from mapa_exp.reporting.markdown import (
     NOT_RECORDED,
     counted_text,
+    counts_by_method_text,
     draws_cell_text,
     experiment_name,
     integers_text,
@@ -142,7 +143,7 @@ def scale_section(table: pd.DataFrame) -> Section:
                "methods": ", ".join(sorted(d["method"].dropna().unique(), key=method_sort_key)),
                "K_fractions": ", ".join(f"{f:g}" for f in fractions), "S": integers_text(d["S"]),
                "bandwidths": ", ".join(f"{b:g}" for b in bandwidths), "R": range_text(restarts.nunique()),
-               "D": range_text(draws_per_configuration(d)), "epochs": integers_text(d.get("epochs", [])),
+               "D": counts_by_method_text(draws_per_configuration(d)), "epochs": integers_text(d.get("epochs", [])),
                "N": integers_text(d["n_train"]), "checkpoint": ", ".join(checkpoint) or "not evaluated"}
         rows.append(row)
         out.append(f"- **{exp}**: {row['runs']} completed runs; data sets {row['datasets']}; methods {row['methods']}"
@@ -514,14 +515,17 @@ def differences_section(table: pd.DataFrame, choice: DensityChoice | None, evalu
                "reports); K fraction, restart and S chosen on validation data as the paper does for K.")
     if choice is not None:
         draws = draws_per_configuration(choice.at_s)
-        d = int(draws.min())
-        if d >= 2:
-            width = float(stats.t.ppf(0.975, d - 1))
-            out.append(f"- **Statistics.** With D = {range_text(draws)} draws, paired t tests have {d - 1} degree"
-                       f"{'s' if d > 2 else ''} of freedom and a 95% interval ±{width:.2f} standard errors wide"
-                       f"{' (at D = ' + str(d) + ')' if draws.max() > d else ''}: only large, consistent differences "
+        if int(draws.min()) >= 2:
+            def test_text(d: int) -> str:
+                return (f"{d - 1} degree{'s' if d > 2 else ''} of freedom and a 95% interval "
+                        f"±{float(stats.t.ppf(0.975, d - 1)):.2f} standard errors wide")
+            ds = draws.astype(int).value_counts().sort_index(ascending=False).sort_values(
+                ascending=False, kind="stable").index  # the most common count first
+            others = "; ".join(f"{test_text(d)} at D = {d}" for d in ds[1:])
+            out.append(f"- **Statistics.** With D = {counts_by_method_text(draws)} draws, paired t tests have "
+                       f"{test_text(ds[0])}{f' ({others})' if others else ''}: only large, consistent differences "
                        "are decided, and the rest is reported as undecided rather than as a tie.")
         else:
-            out.append(f"- **Statistics.** With D = {range_text(draws)} draw{'s' if draws.max() > 1 else ''} some "
+            out.append(f"- **Statistics.** With D = {counts_by_method_text(draws)} draw{'s' if draws.max() > 1 else ''} some "
                        "comparisons have a single pair: no test, so they are reported as undecided.")
     return Section("differences", "\n".join(out + [""]))
