@@ -3,6 +3,12 @@ the reference) against today's defensive mixture, 0.9 q + 0.1 prior, with the sa
 
     python scripts/bench_mog_iwae.py <run folder> [<run folder> ...] [--seeds 0,1,2]   # JSON + docs section
     python scripts/bench_mog_iwae.py --render-only                                  # rewrite the docs section
+    python scripts/bench_mog_iwae.py --s-eval 5000,20000 <run folder> ...           # samples per point, one q per seed
+
+With ``--s-eval`` it measures instead what the number of scoring samples buys: per run and evaluator seed one q is
+fitted (the default evaluator's settings), then the test split is scored at each S_eval (the default defensive
+mixture); reported per S_eval: the gap, the scoring time and its ratio to the first S_eval's, in the same process
+(its own JSON, ``mog_iwae_samples.json``, and docs section).
 
 Per run, in one process: the run's model at its best checkpoint (MAPA's prior chosen on validation data, as
 ``evaluate.py`` does), its exact test log-likelihood (the quadrature, J = 10,000), then per evaluator seed both
@@ -16,14 +22,18 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 
 HEADING = "Mixture-IWAE evaluator: the defensive mixture"
+SAMPLES_HEADING = "Mixture-IWAE evaluator: samples per point"
 VARIANTS = {"reference": {"defensive": 0.0}, "default": {}}
 
 
-def measure(path: str, seeds: list[int]) -> list[dict]:
-    from mapa_exp.evaluation.estimators import MogIwaeEstimator, QuadratureEstimator
+def load(path: str):
+    """The run's model (MAPA's prior chosen as ``evaluate.py`` does), its splits, its exact test log-likelihood
+    (the quadrature, J = 10,000) and the row's identifying fields."""
+    from mapa_exp.evaluation.estimators import QuadratureEstimator
     from mapa_exp.evaluation.evaluate import model_of
     from mapa_exp.evaluation.runs import load_run
 
@@ -32,6 +42,13 @@ def measure(path: str, seeds: list[int]) -> list[dict]:
     model = model_of(run)
     exact = QuadratureEstimator(check_convergence=False).evaluate(model, x["train"], {"test": x["test"]})[0]
     base = {k: run.results.get(k) for k in ("dataset", "method", "S", "K", "seed", "draw")} | {"run": str(path)}
+    return model, x, exact, base
+
+
+def measure(path: str, seeds: list[int]) -> list[dict]:
+    from mapa_exp.evaluation.estimators import MogIwaeEstimator
+
+    model, x, exact, base = load(path)
     rows = []
     for seed in seeds:
         row = dict(base, eval_seed=seed)
@@ -43,6 +60,52 @@ def measure(path: str, seeds: list[int]) -> list[dict]:
         row["time_ratio"] = row["default_s"] / row["reference_s"]
         rows.append(row)
     return rows
+
+
+def measure_samples(path: str, seeds: list[int], s_evals: list[int]) -> list[dict]:
+    from mapa_exp.evaluation.estimators import MogIwaeEstimator
+    from mapa_exp.evaluation.mog_iwae import fit_mog_iwae
+
+    model, x, exact, base = load(path)
+    rows = []
+    for seed in seeds:
+        est = MogIwaeEstimator(seed=seed)
+        t0 = time.perf_counter()
+        q = fit_mog_iwae(x["train"], model.decode, model.likelihood, model.latent_dim, log_prior=model.prior.log_prob,
+                         seed=seed, **est.kw).q_net
+        row = dict(base, eval_seed=seed, fit_s=time.perf_counter() - t0)
+        for S in s_evals:
+            t0 = time.perf_counter()
+            scored = est.score(model, q, x["test"], S)
+            row[f"score_s_{S}"] = time.perf_counter() - t0
+            row[f"gap_{S}"] = float((scored.log_px - exact["test"][0]).mean())
+            row[f"se_{S}"] = float(scored.std_err.double().pow(2).mean().sqrt() / len(scored.std_err) ** 0.5)
+        rows.append(row)
+    return rows
+
+
+def markdown_samples(data: dict) -> str:
+    m, rows, s_evals = data["meta"], data["rows"], data["meta"]["s_evals"]
+    ref = s_evals[0]
+    lines = [f"`scripts/bench_mog_iwae.py --s-eval {','.join(map(str, s_evals))}`, {m['date']}, {m['machine']}, "
+             f"torch {m['torch']}, one thread; {len({r['run'] for r in rows})} trained runs, evaluator seeds "
+             f"{m['seeds']}. Load average when it started: {m['load_average']}. Per seed one q (the default fit: "
+             "2,000 steps), then the test split scored at each S_eval through the default defensive mixture. Gap: "
+             "test log-likelihood minus the exact quadrature's, nats per point (± its Monte-Carlo standard error); "
+             f"time: the test split's scoring, and its ratio to S_eval = {ref}'s in the same process.", "",
+             "| dataset | method | S | K | draw | seed | fit (s) | "
+             + " | ".join(f"gap, S_eval = {S} | score (s) | ratio" for S in s_evals) + " |",
+             "|---|---|---|---|---|---|---|" + "---|---|---|" * len(s_evals)]
+    for r in rows:
+        K = "" if r["K"] is None else r["K"]
+        cells = [f"{r[f'gap_{S}']:+.4f} ± {r[f'se_{S}']:.4f} | {r[f'score_s_{S}']:.1f} | "
+                 f"x{r[f'score_s_{S}'] / r[f'score_s_{ref}']:.2f}" for S in s_evals]
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['S']} | {K} | {r['draw']} | {r['eval_seed']} | "
+                     f"{r['fit_s']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Beyond 0.002: " + "; ".join(
+        f"S_eval = {S}: {sum(abs(r[f'gap_{S}']) > 0.002 for r in rows)} of {len(rows)} (largest |gap| "
+        f"{max(abs(r[f'gap_{S}']) for r in rows):.4f})" for S in s_evals) + "."]
+    return "\n".join(lines)
 
 
 def markdown(data: dict) -> str:
@@ -74,9 +137,13 @@ def markdown(data: dict) -> str:
 def main() -> None:
     from mapa_exp.benchmarking import child_benchmark_cli, configure_as_training, write_markdown_section
 
-    args = child_benchmark_cli(__doc__, "mog_iwae.json", HEADING, markdown, None,
+    samples = any(a.startswith("--s-eval") for a in sys.argv)
+    args = child_benchmark_cli(__doc__, "mog_iwae_samples.json" if samples else "mog_iwae.json",
+                               SAMPLES_HEADING if samples else HEADING, markdown_samples if samples else markdown, None,
                                (("runs", {"nargs": "*", "help": "trained run folders"}),
-                                ("--seeds", {"default": "0,1,2", "help": "evaluator seeds, comma-separated"})))
+                                ("--seeds", {"default": "0,1,2", "help": "evaluator seeds, comma-separated"}),
+                                ("--s-eval", {"help": "measure the scoring samples instead: S_eval values, "
+                                              "comma-separated (the first is the time reference)"})))
     if args is None:
         return
     if not args.runs:
@@ -89,6 +156,19 @@ def main() -> None:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
+    if samples:
+        s_evals = [int(v) for v in args.s_eval.split(",")]
+        for path in args.runs:
+            for r in measure_samples(path, seeds, s_evals):
+                rows.append(r)
+                print(f"{r['dataset']} {r['method']} S={r['S']} seed {r['eval_seed']}: " + ", ".join(
+                    f"S_eval {S} gap {r[f'gap_{S}']:+.4f} ({r[f'score_s_{S}']:.1f} s)" for S in s_evals), flush=True)
+        meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__, "load_average": load, "seeds": args.seeds, "s_evals": s_evals}
+        data = {"meta": meta, "rows": rows}
+        atomic_write_json(args.json, data)
+        write_markdown_section(args.docs, SAMPLES_HEADING, markdown_samples(data))
+        return
     for path in args.runs:
         for r in measure(path, seeds):
             rows.append(r)

@@ -145,7 +145,7 @@ class MogIwaeEstimator:
                 **({"restarts": self.restarts, "S_select": self.S_select} if self.restarts > 1 else {}),
                 **({"stopping": self.stopping} if self.stopping else {})}
 
-    def _score(self, model: GenerativeModel, q_net, x: torch.Tensor, S: int):
+    def score(self, model: GenerativeModel, q_net, x: torch.Tensor, S: int):
         """The stratified IWAE_S of x under q (with the prior's stratum when ``defensive`` > 0)."""
         defensive = self.defensive if self.defensive * S >= 1 else 0.0
         return mog_iwae_log_likelihood(x, q_net, model.decode, model.likelihood, S_eval=S, seed=self.seed,
@@ -170,7 +170,7 @@ class MogIwaeEstimator:
                                seed=self.seed + r, **self.kw, **stop)
             fits.append(fit)
             if self.restarts > 1:  # the same samples for every restart: the scores differ by q alone
-                held.append(float(self._score(model, fit.q_net, x_held, self.S_select).log_px.mean()))
+                held.append(float(self.score(model, fit.q_net, x_held, self.S_select).log_px.mean()))
         best = max(range(self.restarts), key=lambda r: held[r]) if held else 0
         fit = fits[best]
         if held:
@@ -179,7 +179,7 @@ class MogIwaeEstimator:
         out = {}
         for split, x in xs.items():
             log.info("mixture IWAE: scoring %d %s points with S_eval=%d", x.shape[0], split, self.S_eval)
-            est = self._score(model, fit.q_net, x, self.S_eval)
+            est = self.score(model, fit.q_net, x, self.S_eval)
             out[split] = (est.log_px, est.std_err)
         diag = {"fit_steps": int(fit.train_bound.shape[0])}
         if held:
