@@ -167,7 +167,9 @@ class MogIwaeConf:
     _target_: str = "mapa_exp.evaluation.estimators.MogIwaeEstimator"
     n_components: int = 10  # C, the mixture's components
     S_train: int = 100  # samples per point while fitting q
-    S_eval: int = 5000  # samples per point scoring
+    S_eval: int = 5000  # samples per point scoring; on MAPA models over tightly grouped codes the test mean's
+    #                     Monte-Carlo SE is then 0.001-0.003 nats, about 0.7x that at 10000 (2x the time;
+    #                     docs/benchmarks.md, "samples per point")
     steps: int = 2000  # at most this many Adam steps per fit (batch_size points each)
     defensive: float = 0.1  # scoring's proposal: (1 - this) q + this x the prior (0: q alone); on MAPA models about
     #                         one fit in four misses part of a posterior, 0.01-0.04 nats low without it
