@@ -108,10 +108,12 @@ def _check(config_name: str, argv: list[str]) -> None:
 
         check((cfg.run is None) != (cfg.sweep is None), "run", cfg.run,
               "give exactly one of run=<run folder> or sweep=<multirun folder>")
-        if cfg.run is not None:
-            read_run_files(cfg.run)
+        if cfg.run is not None:  # and where eval.json (and a sweep's summary.csv) will go can be written
+            probe_writable("run", str(read_run_files(cfg.run)[0]))
         else:
-            check_sweep_folder(cfg.sweep)
+            folder, runs = check_sweep_folder(cfg.sweep)
+            for path in (folder, *runs):
+                probe_writable("sweep", str(path))
 
 
 _HELD: list = []  # the folder locks the command-line check took: held until the process ends
@@ -148,13 +150,24 @@ def _check_train_job(cfg: DictConfig, multirun: bool, argv: list[str]) -> None:
 
 
 def check_writable_folder(key: str, folder: str) -> None:
-    """ConfigError unless ``folder`` can be made (or exists) and written, and no other process holds its lock
-    (``mapa_exp.io.FolderLock``). Tried for real -- a probe file, removed at once -- since permission bits do not
-    tell a read-only mount, ``/proc`` or a path through a regular file."""
+    """ConfigError unless ``folder`` can be made (or exists) and written (``probe_writable``), and no other
+    process holds its lock (``mapa_exp.io.FolderLock``)."""
+    from mapa_exp.io import FolderLock
+
+    path = probe_writable(key, folder)
+    holder = FolderLock.holder(path) if path.is_dir() else None
+    if holder is not None:
+        from mapa_exp.io import FolderBusyError
+
+        raise FolderBusyError(key, folder, f"is being written by {holder}; wait for it to end or use another folder")
+
+
+def probe_writable(key: str, folder: str | Path) -> Path:
+    """``folder`` as an absolute path, or a ConfigError unless it can be made (or exists) and written. Tried for
+    real -- a probe file, removed at once -- since permission bits do not tell a read-only mount (which the root
+    user cannot write either), ``/proc`` or a path through a regular file."""
     import os
     import tempfile
-
-    from mapa_exp.io import FolderLock
 
     path = Path(folder).expanduser()
     path = path if path.is_absolute() else Path.cwd() / path
@@ -174,11 +187,7 @@ def check_writable_folder(key: str, folder: str) -> None:
             first.rmdir()
     except OSError as exc:
         raise ConfigError(key, folder, f"cannot be written ({exc.strerror or exc}: {exc.filename or existing})") from None
-    holder = FolderLock.holder(path) if path.is_dir() else None
-    if holder is not None:
-        from mapa_exp.io import FolderBusyError
-
-        raise FolderBusyError(key, folder, f"is being written by {holder}; wait for it to end or use another folder")
+    return path
 
 
 def _value(override: str):

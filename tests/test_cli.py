@@ -150,6 +150,46 @@ def test_bad_inputs_stop_in_one_line_with_status_2_and_touch_nothing(evaluated, 
     assert not Path("/proc/mapa-exp-run").exists()
 
 
+@pytest.fixture
+def read_only(evaluated, tmp_path):
+    """A copy of the evaluated sweep seen through a read-only bind mount (EROFS: the root user, who passes every
+    permission check, cannot write it either); skipped where mounting is not allowed."""
+    import shutil
+
+    source, mount = tmp_path / "source", tmp_path / "read_only"
+    shutil.copytree(evaluated[0], source / "sweep")
+    mount.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_mount_is_refused_in_one_line_before_any_work(read_only, tmp_path, cache_dir):
+    """Item 5 of the new-user issue: an output folder on a read-only mount; also an evaluation whose eval.json
+    could not be written (it used to score the run, then end in an OSError traceback, exit 1)."""
+    sweep = read_only / "sweep"
+    run = sorted(p.parent for p in sweep.rglob("results.json"))[0]
+    outputs = tmp_path / "outputs"
+    env = {**os.environ, "MAPA_EXP_OUTPUTS": str(outputs), "MAPA_EXP_CACHE": str(cache_dir)}
+    before = snapshot(read_only)
+    for script, args, start in (("train", [f"hydra.run.dir={read_only}/run"], "hydra.run.dir="),
+                                ("train", ["-m", f"hydra.sweep.dir={read_only}/sweep2"], "hydra.sweep.dir="),
+                                ("evaluate", [f"run={run}"], f"run='{run}'"),
+                                ("evaluate", [f"sweep={sweep}"], "sweep=")):
+        proc = subprocess.run([sys.executable, f"{script}.py", *args], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-2000:])
+        assert lines[0].startswith(f"error: {start}") and "cannot be written (Read-only file system" in lines[0]
+    assert snapshot(read_only) == before
+    assert not outputs.exists() or not any(outputs.rglob("*"))
+
+
 def test_the_command_line_is_checked_without_loading_torch(evaluated):
     """The pre-check reads ``_target_``s from the modules' source and the folders from the disk: good command lines
     and a bad folder are decided before torch or Lightning is imported (each would cost seconds); a misspelt
