@@ -138,8 +138,8 @@ def main() -> None:
     from mapa_exp.benchmarking import child_benchmark_cli, configure_as_training, write_markdown_section
 
     samples = any(a.startswith("--s-eval") for a in sys.argv)
-    args = child_benchmark_cli(__doc__, "mog_iwae_samples.json" if samples else "mog_iwae.json",
-                               SAMPLES_HEADING if samples else HEADING, markdown_samples if samples else markdown, None,
+    heading, render = (SAMPLES_HEADING, markdown_samples) if samples else (HEADING, markdown)
+    args = child_benchmark_cli(__doc__, "mog_iwae_samples.json" if samples else "mog_iwae.json", heading, render, None,
                                (("runs", {"nargs": "*", "help": "trained run folders"}),
                                 ("--seeds", {"default": "0,1,2", "help": "evaluator seeds, comma-separated"}),
                                 ("--s-eval", {"help": "measure the scoring samples instead: S_eval values, "
@@ -153,33 +153,23 @@ def main() -> None:
     from mapa_exp.io import atomic_write_json
 
     configure_as_training()
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
-    if samples:
-        s_evals = [int(v) for v in args.s_eval.split(",")]
-        for path in args.runs:
-            for r in measure_samples(path, seeds, s_evals):
-                rows.append(r)
-                print(f"{r['dataset']} {r['method']} S={r['S']} seed {r['eval_seed']}: " + ", ".join(
-                    f"S_eval {S} gap {r[f'gap_{S}']:+.4f} ({r[f'score_s_{S}']:.1f} s)" for S in s_evals), flush=True)
-        meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "torch": torch.__version__, "load_average": load, "seeds": args.seeds, "s_evals": s_evals}
-        data = {"meta": meta, "rows": rows}
-        atomic_write_json(args.json, data)
-        write_markdown_section(args.docs, SAMPLES_HEADING, markdown_samples(data))
-        return
-    for path in args.runs:
-        for r in measure(path, seeds):
-            rows.append(r)
-            print(f"{r['dataset']} {r['method']} S={r['S']} seed {r['eval_seed']}: reference {r['reference_s']:.1f} s "
-                  f"(gap {r['reference_gap']:+.4f}), default {r['default_s']:.1f} s (gap {r['default_gap']:+.4f})",
-                  flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__, "load_average": load, "seeds": args.seeds}
+            "torch": torch.__version__, "load_average": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "seeds": args.seeds}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if samples:
+        meta["s_evals"] = s_evals = [int(v) for v in args.s_eval.split(",")]
+    rows = []
+    for path in args.runs:
+        for r in measure_samples(path, seeds, s_evals) if samples else measure(path, seeds):
+            rows.append(r)
+            shown = (", ".join(f"S_eval {S} gap {r[f'gap_{S}']:+.4f} ({r[f'score_s_{S}']:.1f} s)" for S in s_evals)
+                     if samples else f"reference {r['reference_s']:.1f} s (gap {r['reference_gap']:+.4f}), default "
+                     f"{r['default_s']:.1f} s (gap {r['default_gap']:+.4f})")
+            print(f"{r['dataset']} {r['method']} S={r['S']} seed {r['eval_seed']}: {shown}", flush=True)
     data = {"meta": meta, "rows": rows}
     atomic_write_json(args.json, data)
-    write_markdown_section(args.docs, HEADING, markdown(data))
+    write_markdown_section(args.docs, heading, render(data))
 
 
 if __name__ == "__main__":
