@@ -47,6 +47,7 @@ def faults_per_step(mode: str) -> float:
     return float(out.stdout.strip())
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 @pytest.mark.skipif(_glibc() is None, reason="the malloc settings are glibc's")
 def test_the_default_settings_keep_a_steps_freed_memory_so_that_later_steps_do_not_fault():
     # glibc's moving threshold settles in about one process of ten: the more of two fresh processes

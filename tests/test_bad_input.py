@@ -286,6 +286,7 @@ def test_cli_evaluation_of_a_failed_run(tmp_path, cache_dir):
 
 # evaluator settings of train.py evaluate=true: refused before any training (a run would otherwise train for
 # its whole budget and then fail); once a traceback (a bad quadrature rule) or a silent wrong type
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 @pytest.mark.parametrize("override, start", [
     ("evaluator.quadrature.rule=3", "error: evaluator.quadrature.rule='3': must be one of equal_mass, uniform"),
     ("evaluator.quadrature.J_1d=1", "error: evaluator.quadrature.J_1d=1: must be an integer >= 2"),

@@ -117,6 +117,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_bad_inputs_stop_in_one_line_with_status_2_and_touch_nothing(evaluated, broken, tmp_path, cache_dir):
     from mapa_exp.io import FolderLock
 
@@ -270,6 +271,7 @@ def test_interrupted_sweep_evaluation_keeps_what_it_finished_and_a_rerun_does_th
         assert "test_kl/mog_iwae" in saved and "test_kl/quadrature" in saved
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_train_prints_one_summary_line_per_run(tmp_path, cache_dir):
     env = {**os.environ, "MAPA_EXP_OUTPUTS": str(tmp_path / "outputs"), "MAPA_EXP_CACHE": str(cache_dir)}
     run_dir = tmp_path / "run"

@@ -137,6 +137,7 @@ def test_quadrature_with_latent_dim_three_gives_one_line(tmp_path, cache_dir):
     assert "latent_dim=3" in p.stderr and "mog_iwae" in p.stderr
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_an_evaluation_record_follows_its_checkpoint(tmp_path, cache_dir):
     """Provenance: a run trained 3 epochs and evaluated, then trained on to 30 epochs, is re-scored by
     `evaluate.py sweep=`, and its eval.json then equals a fresh evaluation of the same folder, key for key

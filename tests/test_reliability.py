@@ -167,6 +167,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 # -- 1. exact resume -------------------------------------------------------------------------------
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, reference):
     """SIGKILL right after the first checkpoint; the same command again resumes and ends bit-identical."""
     run_dir = tmp_path / "run"
@@ -187,6 +188,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, cache_dir, ref
     assert_same_run(run_dir, reference["mapa"])
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_sigterm_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly(tmp_path, cache_dir, reference):
     """SIGTERM (how SLURM preempts): finish the epoch, checkpoint, keep the best weights so far, exit 143 with status
     preempted and print the command that resumes -- the run folder was not pinned on the command line, so the same
@@ -270,6 +272,7 @@ def test_sigint_interrupts_after_a_checkpoint_and_rerun_equals_an_uninterrupted_
     assert_same_run(run_dir, reference["mapa"])
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_sigint_after_the_epochs_gives_the_resume_command_and_the_rerun_completes(tmp_path, cache_dir):
     """Ctrl-C once the epochs are over (results being written): the two lines and exit 130, no traceback; the
     printed command then finishes the run without training again."""
@@ -347,6 +350,7 @@ def test_nan_policy_skip_batch_skips_the_optimizer_step_and_counts_it(tmp_path, 
     assert steps == {res["train_steps"] - 3}
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_nan_failure_on_the_command_line_is_one_line_and_exit_1(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     p = run_cli([*FAST_NAN, *fault("poison", "PoisonBatch", steps=[2]), f"hydra.run.dir={run_dir}"], cache_dir)
@@ -358,6 +362,7 @@ def test_nan_failure_on_the_command_line_is_one_line_and_exit_1(tmp_path, cache_
     assert results(run_dir)["status"] == "failed"
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_multirun_keeps_going_past_failed_jobs_and_exits_non_zero(tmp_path, cache_dir):
     """4 jobs: a NaN failure, two bad inputs and one that skips its NaN batch; every job leaves results."""
     sweep = tmp_path / "sweep"

@@ -253,6 +253,7 @@ def _user_sweep(root):
                 "val_loglik/quadrature": -1.0 - kl, "test_kl/quadrature": kl + 0.01 * draw})))
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_a_users_sweep_is_reported_beside_its_table_and_leaves_the_repository_as_it_was(tmp_path):
     def status() -> str:
         return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
@@ -273,6 +274,7 @@ def test_a_users_sweep_is_reported_beside_its_table_and_leaves_the_repository_as
     assert "](figures/density.png)" in (sweep / "REPORT.md").read_text()
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 @pytest.mark.parametrize("case, script", [
     *((case, "report.py") for case in ("missing file", "not a table", "not a tidy table", "no validation metric")),
     *((case, script) for case in ("not a table", "no validation metric") for script in ("plot_density.py",

@@ -304,6 +304,7 @@ def test_paired_difference_matches_scipy_and_the_verdicts():
     assert directional(paired_difference(a[:1], b[:1])) == "undecided"  # one draw: no test
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_committed_report_is_rebuilt_from_the_committed_tables(tmp_path):
     """docs/REPORT.md is a function of docs/results/*.parquet alone: rebuilt, it equals the committed one
     byte for byte apart from its date line (a report edited by hand, or left stale, fails here)."""

@@ -164,6 +164,7 @@ def test_a_bad_role_width_is_one_line(tmp_path, cache_dir):
         run_training(cfg)
 
 
+@pytest.mark.slow  # 10-60 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_a_method_defined_outside_the_package_trains_and_evaluates_through_the_command_lines(tmp_path, cache_dir):
     """The seam: tests/toy_method holds one module and one config file; train.py and evaluate.py run it with the
     folder on PYTHONPATH and --config-dir, and nothing in mapa_exp/ or conf/ names it."""
