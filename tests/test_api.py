@@ -5,9 +5,12 @@ import re
 import runpy
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_the_config_free_example_of_docs_api_runs_and_learns(tmp_path, capsys, monkeypatch):
     text = (ROOT / "docs" / "api.md").read_text()
     code = re.search(r"Without any config \(this is `tests/test_api.py`\):\n\n```python\n(.*?)```", text, re.S).group(1)

@@ -170,6 +170,7 @@ def read_only(evaluated, tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_a_read_only_mount_is_refused_in_one_line_before_any_work(read_only, tmp_path, cache_dir):
     """Item 5 of the new-user issue: an output folder on a read-only mount; also an evaluation whose eval.json
     could not be written (it used to score the run, then end in an OSError traceback, exit 1)."""
@@ -191,6 +192,7 @@ def test_a_read_only_mount_is_refused_in_one_line_before_any_work(read_only, tmp
     assert not outputs.exists() or not any(outputs.rglob("*"))
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_the_command_line_is_checked_without_loading_torch(evaluated):
     """The pre-check reads ``_target_``s from the modules' source and the folders from the disk: good command lines
     and a bad folder are decided before torch or Lightning is imported (each would cost seconds); a misspelt
@@ -303,6 +305,7 @@ def test_a_200_epoch_run_writes_under_50_kb_of_log_and_console(tmp_path, cache_d
         assert noise not in console, noise
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_help_lists_the_groups_a_user_picks_from_and_nothing_internal():
     """`train.py --help` is short, names every option of the user's groups (read from conf/) and none of the
     internal ones (schemas, the surrogate's base config, the git-ignored conf/local example)."""

@@ -142,6 +142,7 @@ def test_fit_is_deterministic_and_leaves_global_rng_alone():
     assert a.train_bound.shape == (20,) and torch.isfinite(a.train_bound).all()
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_early_stopping_keeps_the_best_checked_q_and_stops_on_a_plateau():
     # figure-8 truth, q fitted with held-out points: checks start at min_steps, the fit stops before its maximum
     # once the held-out bound stalls, returns the q of the best check, and that q still scores the held-out

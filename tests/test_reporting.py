@@ -125,6 +125,7 @@ def test_without_candidates_the_sensitivity_is_one_line_and_nothing_is_said_to_h
     assert "not recorded in these tables" in next(l for l in text.splitlines() if "**Prior recovery**" in l)
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_when_the_verdicts_agree_the_report_says_no_claim_changed():
     t = prior_table()
     same = t.assign(metric=t["metric"].str.replace("@bins=8", "@bins=32"))  # no bins=8: nothing to compare
@@ -299,6 +300,7 @@ def test_bad_tables_are_refused_in_one_line_and_nothing_is_written(case, script,
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_a_table_without_test_kl_is_refused_by_the_density_figure_and_reported_as_not_evaluated(tmp_path):
     t = passes_table()
     write_table(t[t["source"] == "train"], tmp_path / "tidy")

@@ -203,6 +203,7 @@ def test_collect_refuses_a_commit_that_is_not_a_full_sha(tmp_path):
         assert not (sweep / "tidy.parquet").exists() and not (sweep / "tidy.csv").exists()
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_collect_cli_writes_csv_and_parquet(tmp_path):
     sweep = tmp_path / "sweep"
     _run_folder(sweep, "0_circle_mapa", dict(dataset="circle", method="mapa", K=1, S=2, seed=0, draw=0,

@@ -87,6 +87,7 @@ def test_a_member_equals_the_same_run_trained_alone(stacked_smoke_sweep, method,
     assert stacked["passes_decoder_total"] == alone["passes_decoder_total"]
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_nan_in_one_member_fails_it_and_leaves_the_others_as_without_the_fault(tmp_path, cache_dir):
     base = ["dataset=spiral", "method=mapa", *RESUMABLE[1:6], "trainer.max_epochs=3",
             "trainer.enable_progress_bar=false"]
@@ -167,6 +168,7 @@ def test_sigkill_of_a_stacked_job_then_rerun_resumes_to_equal_bounds(tmp_path, c
         assert (run / "metrics.csv").read_text() == (Path(ref["run_dir"]) / "metrics.csv").read_text()
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_a_members_slice_of_the_stack_checkpoint_resumes_alone_to_the_stacks_numbers(tmp_path, cache_dir):
     """The slice is a complete checkpoint: member 2 continued alone from epoch 2 ends where the stack ends."""
     base = ["dataset=spiral", "method=iwae", *RESUMABLE[1:6], "trainer.enable_progress_bar=false"]
@@ -181,6 +183,7 @@ def test_a_members_slice_of_the_stack_checkpoint_resumes_alone_to_the_stacks_num
     assert abs(res["val_bound"] - four[2]["val_bound"]) < 1e-5
 
 
+@pytest.mark.slow  # 3-8 s of subprocesses or training: in CI's -m slow stage, so the default run stays under 4 min
 def test_rerun_of_a_finished_stack_trains_nothing(tmp_path, cache_dir, monkeypatch):
     base = ["dataset=spiral", "method=mapa_naive", *RESUMABLE[1:6], "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false"]
